@@ -1,0 +1,1 @@
+"""Throughput benchmarks (pytest-benchmark) and the side-by-side ratio report."""

@@ -1,0 +1,79 @@
+"""Backend registry: which kernel implementation runs an op on a device, and why others cannot.
+
+Each backend is a module of kernel functions with one signature per op (``groupsort``,
+``groupsort_backward``, ``power_iteration``, ``lip_linear``). "torch" is the plain-PyTorch
+reference and is always usable; "triton" and "cpp" say why they are not, where they are not.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("triton", "cpp", "torch")
+ENV_VAR = "CRVAE_BACKEND"
+_MODULES = {"triton": "crvae_ext._triton", "cpp": "crvae_ext._cpp", "torch": "crvae_ext.reference"}
+_PREFERENCE = {"cuda": ("triton", "cpp", "torch"), "cpu": ("cpp", "torch")}
+
+
+def kernels(name: str) -> ModuleType:
+    """The module holding backend ``name``'s kernel functions."""
+    return importlib.import_module(_MODULES[name])
+
+
+def check_name(backend: object) -> str | None:
+    """Validate a ``backend=`` argument at construction time: None, "auto" or a known name."""
+    if backend is None or backend == "auto" or backend in BACKENDS:
+        return backend
+    raise ValueError(f"backend must be None, 'auto' or one of {BACKENDS}, got {backend!r}")
+
+
+def unusable_reason(name: str, device_type: str) -> str | None:
+    """Why backend ``name`` cannot run ``device_type`` tensors here, or None if it can."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {name!r}")
+    if name == "torch":
+        return None
+    return _probe(name, device_type, os.environ.get("TRITON_INTERPRET", "0"))
+
+
+@functools.cache
+def _probe(name: str, device_type: str, _interpret: str) -> str | None:
+    """Cached import-and-ask; keyed on TRITON_INTERPRET, which decides Triton's CPU support."""
+    try:
+        module = kernels(name)
+    except ImportError as exc:
+        return f"the {name} backend failed to import ({exc})"
+    return module.unusable_reason(device_type)
+
+
+def _device_types() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def backends(device: torch.device | str | None = None) -> list[str]:
+    """Backends usable on this machine: for ``device``'s type, or for any local device type."""
+    types = [torch.device(device).type] if device is not None else _device_types()
+    return [b for b in BACKENDS if any(unusable_reason(b, t) is None for t in types)]
+
+
+@torch.compiler.assume_constant_result
+def resolve(backend: str | None, device: torch.device) -> str:
+    """The concrete backend for a call: the argument, else $CRVAE_BACKEND, else the best usable.
+
+    A forced backend that cannot run on ``device`` is an error, never a silent fallback.
+    """
+    name = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
+    if name == "auto":
+        for candidate in _PREFERENCE.get(device.type, ("torch",)):
+            if unusable_reason(candidate, device.type) is None:
+                return candidate
+    reason = unusable_reason(name, device.type)
+    if reason is not None:
+        source = "backend" if backend is not None else f"${ENV_VAR}"
+        raise RuntimeError(f"{source}={name!r} cannot run {device.type} tensors: {reason}")
+    return name

@@ -1,0 +1,116 @@
+"""Functional API: validate arguments, pick the backend, call the op.
+
+Data flows module -> functional -> op -> backend kernel; nothing here computes on tensors
+beyond reshapes, so every backend sees the same validated, 2-D problem.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _backend, _checks, ops
+
+
+def groupsort(
+    x: torch.Tensor, group_size: int = 2, dim: int = 1, backend: str | None = None
+) -> torch.Tensor:
+    """Sort ascending inside consecutive groups of ``group_size`` elements along ``dim``.
+
+    ``group_size`` is the size of each group (deel-torchlip's convention), not the number of
+    groups (LNets'); ``group_size == x.shape[dim]`` is a full sort, 2 is MaxMin.
+    """
+    _checks.float_tensor("x", x)
+    group_size = _checks.integer("group_size", group_size, 1)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension, got a 0-d tensor")
+    d = _checks.dim_index("dim", dim, x.dim())
+    if x.shape[d] % group_size:
+        raise ValueError(
+            f"group_size={group_size} does not divide size {x.shape[d]} of dim {dim} "
+            f"(input shape {tuple(x.shape)})"
+        )
+    if group_size == 1:
+        return x
+    return ops.groupsort(x, group_size, d, _backend.resolve(backend, x.device))
+
+
+def power_iteration(
+    weight: torch.Tensor, v: torch.Tensor, n_iters: int = 1, backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n_iters`` steps of u = W v/|W v|, v = W^T u/|W^T u| from the right vector ``v``.
+
+    Returns (sigma, u, v) with sigma = u^T W v (fp32 for half weights). One read of W per step
+    in the fused backends. Not differentiable. sigma is a LOWER bound on the spectral norm.
+    """
+    _checks.float_tensor("weight", weight)
+    _checks.float_tensor("v", v)
+    n_iters = _checks.integer("n_iters", n_iters, 1)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
+    if v.shape != (weight.shape[1],):
+        raise ValueError(f"v must have shape ({weight.shape[1]},), got {tuple(v.shape)}")
+    if v.device != weight.device:
+        raise ValueError(f"v is on {v.device} but weight is on {weight.device}")
+    name = _backend.resolve(backend, weight.device)
+    return ops.power_iteration(weight.detach(), v.detach(), n_iters, name)
+
+
+def lip_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    lipschitz: float,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """y = scale * (x W^T) + b over the last dimension of ``x``.
+
+    ``scale`` must equal ``lipschitz / (u^T W v)``: the backward then adds the rank-1 term of
+    d sigma / dW = u v^T, so gradients are those of k * x W^T / sigma(W) + b.
+    """
+    check_linear_input(x, weight)
+    lipschitz = _checks.positive_finite("lipschitz", lipschitz)
+    out_features, in_features = weight.shape
+    if bias is not None and bias.shape != (out_features,):
+        raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    if scale.dim() != 0 or scale.requires_grad:
+        raise ValueError("scale must be a 0-d tensor that does not require grad")
+    if u.shape != (out_features,) or v.shape != (in_features,):
+        raise ValueError(
+            f"u, v must have shapes ({out_features},), ({in_features},); "
+            f"got {tuple(u.shape)}, {tuple(v.shape)}"
+        )
+    name = _backend.resolve(backend, x.device)
+    flat = x.reshape(-1, in_features)
+    out = ops.lip_linear(flat, weight, bias, scale, u.detach(), v.detach(), lipschitz, name)
+    return out.reshape(*x.shape[:-1], out_features)
+
+
+def check_linear_input(x: torch.Tensor, weight: torch.Tensor) -> None:
+    """Raise a clear error unless ``x`` fits a linear layer with ``weight`` (out x in)."""
+    _checks.float_tensor("x", x)
+    _checks.float_tensor("weight", weight)
+    in_features = weight.shape[1]
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(
+            f"x must have last dimension in_features={in_features}, got shape {tuple(x.shape)}"
+        )
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x has dtype {x.dtype} but weight has dtype {weight.dtype}")
+
+
+def bjorck(weight: torch.Tensor, iters: int = 20, beta: float = 0.5) -> torch.Tensor:
+    """Order-1 Björck orthonormalisation W <- (1 + beta) W - beta W W^T W, differentiable.
+
+    Converges to the orthogonal polar factor when |W|_2 < sqrt(3); multiplies through the
+    smaller Gram matrix.
+    """
+    iters = _checks.integer("iters", iters, 0)
+    w = weight
+    wide = w.shape[0] < w.shape[1]
+    for _ in range(iters):
+        cubic = torch.mm(torch.mm(w, w.t()), w) if wide else torch.mm(w, torch.mm(w.t(), w))
+        w = (1 + beta) * w - beta * cubic
+    return w

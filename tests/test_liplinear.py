@@ -1,0 +1,217 @@
+"""LipLinear against float64 oracles: exact SVD, autograd of the naive formula, plain nn.Linear."""
+
+import io
+
+import pytest
+import torch
+from helpers import lipschitz_ascent, naive_lip_linear
+from torch import nn
+
+import crvae_ext.functional as F
+from crvae_ext import LipLinear, reference
+
+SHAPES = {"square": (48, 48), "tall": (64, 24), "wide": (24, 64)}
+
+
+def _gaussian_layer(shape, k, **kwargs) -> LipLinear:
+    out_features, in_features = shape
+    layer = LipLinear(in_features, out_features, lipschitz=k, **kwargs)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(shape))
+    return layer
+
+
+@pytest.mark.parametrize("k", [0.5, 1.0, 3.0])
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_spectral_converges_to_k_through_training_forwards(shape, k):
+    layer = _gaussian_layer(shape, k)
+    layer.v.normal_()  # forget the converged state: training forwards must get there
+    x = torch.randn(4, shape[1])
+    for _ in range(400):
+        layer(x)
+    layer.eval()
+    exact = reference.spectral_norm_exact(layer.effective_weight())
+    assert exact == pytest.approx(k, rel=1e-4)
+    assert layer.lipschitz_bound() >= exact * (1 - 1e-6)
+
+
+@pytest.mark.parametrize("k", [0.5, 1.0, 3.0])
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_converge_reaches_k(shape, k):
+    layer = _gaussian_layer(shape, k).converge_().eval()
+    assert reference.spectral_norm_exact(layer.effective_weight()) == pytest.approx(k, rel=1e-4)
+
+
+@pytest.mark.parametrize("k", [0.5, 3.0])
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_bjorck_singular_values_are_k(shape, k):
+    layer = _gaussian_layer(shape, k, method="bjorck").converge_().eval()
+    singular = torch.linalg.svdvals(layer.effective_weight().double())
+    assert torch.allclose(singular, torch.full_like(singular, k), rtol=1e-4)
+
+
+def test_fresh_layer_is_already_normalised():
+    layer = LipLinear(40, 30, lipschitz=2.0).eval()
+    assert reference.spectral_norm_exact(layer.effective_weight()) == pytest.approx(2.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_analytic_backward_gradcheck(bias):
+    w = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True) if bias else None
+    _, u, v = reference.power_iteration(w, torch.ones(7, dtype=torch.float64) / 7**0.5, 50)
+    k = 1.7
+
+    def f(x, w, b):
+        scale = (k / torch.dot(u, w @ v)).detach()
+        return F.lip_linear(x, w, b, scale, u, v, k, backend="torch")
+
+    inputs = (x, w, b)
+    assert torch.autograd.gradcheck(f, inputs)
+    grad_out = torch.randn(6, 5, dtype=torch.float64)
+    ours = torch.autograd.grad(f(*inputs), [t for t in inputs if t is not None], grad_out)
+    naive = torch.autograd.grad(
+        naive_lip_linear(x, w, b, u, v, k), [t for t in inputs if t is not None], grad_out
+    )
+    for a, e in zip(ours, naive, strict=True):
+        assert torch.allclose(a, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["spectral", "bjorck"])
+def test_module_gradients_match_naive_formula(method):
+    layer = _gaussian_layer((12, 9), 2.0, method=method).double().converge_().eval()
+    x = torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, layer.weight, layer.bias], grad_out)
+    w = layer.weight.detach().clone().requires_grad_(True)
+    b = layer.bias.detach().clone().requires_grad_(True)
+    if method == "spectral":
+        expected_out = naive_lip_linear(x, w, b, layer.u, layer.v, 2.0)
+    else:
+        sigma = torch.dot(layer.u, layer.weight.detach() @ layer.v)
+        expected_out = x @ (2.0 * F.bjorck(w / sigma, 20)).t() + b
+    assert torch.allclose(out, expected_out, rtol=1e-10, atol=1e-12)
+    expected = torch.autograd.grad(expected_out, [x, w, b], grad_out)
+    for a, e in zip(got, expected, strict=True):
+        assert torch.allclose(a, e, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["spectral", "bjorck"])
+def test_ascent_never_exceeds_bound(method):
+    layer = _gaussian_layer((20, 16), 1.5, method=method).double().converge_().eval()
+    bound = layer.lipschitz_bound()
+    found = lipschitz_ascent(layer, 16)
+    assert found <= bound * (1 + 1e-9)
+    assert found >= 0.99 * bound  # a single linear map: the ascent finds its norm
+
+
+def test_training_advances_buffers_and_eval_does_not():
+    layer = _gaussian_layer((16, 16), 1.0)
+    layer.v.normal_()
+    x = torch.randn(3, 16)
+    before = layer.v.clone()
+    layer(x)
+    assert not torch.equal(layer.v, before)
+    layer.eval()
+    frozen = layer.v.clone()
+    layer(x)
+    assert torch.equal(layer.v, frozen)
+
+
+def _eval_expected(layer: LipLinear, x: torch.Tensor) -> torch.Tensor:
+    w = layer.weight.detach().double()
+    sigma = torch.dot(layer.u.double(), w @ layer.v.double())
+    return (layer.lipschitz * x.double() @ w.t() / sigma + layer.bias.detach().double()).float()
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1),
+        lambda p: torch.optim.Adam(p, lr=0.05),
+        lambda p: torch.optim.Adam(p, lr=0.05, fused=True),
+    ],
+    ids=["sgd", "adam", "fused_adam"],
+)
+def test_eval_cache_invalidated_by_optimizer_step(make_opt):
+    layer = _gaussian_layer((24, 24), 1.0).converge_().eval()
+    x = torch.randn(5, 24)
+    before = layer(x)
+    opt = make_opt(layer.parameters())
+    layer.weight.grad = torch.randn_like(layer.weight)
+    layer.bias.grad = torch.zeros_like(layer.bias)
+    opt.step()
+    after = layer(x)
+    assert not torch.allclose(after, before, atol=1e-4)
+    assert torch.allclose(after, _eval_expected(layer, x), atol=1e-5)
+
+
+def test_eval_cache_invalidated_by_load_and_inplace_edit():
+    layer = _gaussian_layer((24, 24), 1.0).converge_().eval()
+    x = torch.randn(5, 24)
+    layer(x)
+    with torch.no_grad():
+        layer.weight.add_(0.3 * torch.randn_like(layer.weight))
+    assert torch.allclose(layer(x), _eval_expected(layer, x), atol=1e-5)
+    other = _gaussian_layer((24, 24), 1.0).converge_()
+    layer.load_state_dict(other.state_dict())
+    assert torch.allclose(layer(x), _eval_expected(layer, x), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["spectral", "bjorck"])
+def test_state_dict_round_trip(method):
+    a = _gaussian_layer((10, 12), 2.5, method=method)
+    opt = torch.optim.SGD(a.parameters(), lr=0.01)
+    for _ in range(3):
+        a(torch.randn(4, 12)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    a.eval()
+    buffer = io.BytesIO()
+    torch.save(a.state_dict(), buffer)
+    buffer.seek(0)
+    b = LipLinear(12, 10, lipschitz=1.0, method=method)
+    b.load_state_dict(torch.load(buffer))
+    b.eval()
+    x = torch.randn(7, 12)
+    assert b.lipschitz == 2.5
+    assert torch.equal(a(x), b(x))
+    assert b.lipschitz_bound() == a.lipschitz_bound()
+
+
+def test_load_without_power_iteration_state_converges():
+    linear = nn.Linear(20, 14)
+    layer = LipLinear(20, 14, lipschitz=2.0)
+    state = {k: v for k, v in linear.state_dict().items()}
+    layer.load_state_dict(state, strict=False)
+    layer.eval()
+    assert reference.spectral_norm_exact(layer.effective_weight()) == pytest.approx(2.0, rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["spectral", "bjorck"])
+def test_to_linear_matches(method):
+    layer = _gaussian_layer((9, 13), 0.7, method=method).converge_().eval()
+    x = torch.randn(3, 5, 13)
+    plain = layer.to_linear()
+    assert type(plain) is nn.Linear
+    assert torch.allclose(plain(x), layer(x), atol=1e-6)
+
+
+def test_from_linear_keeps_direction():
+    linear = nn.Linear(16, 8)
+    layer = LipLinear.from_linear(linear, lipschitz=3.0).eval()
+    x = torch.randn(4, 16)
+    sigma = reference.spectral_norm_exact(linear.weight)
+    expected = 3.0 * (x @ linear.weight.t()) / sigma + linear.bias
+    assert torch.allclose(layer(x), expected, atol=1e-4)
+
+
+def test_batched_input_and_no_bias():
+    layer = LipLinear(6, 4, bias=False).eval()
+    x = torch.randn(2, 3, 6)
+    expected = x @ layer.effective_weight().t()
+    assert layer(x).shape == (2, 3, 4)
+    assert torch.allclose(layer(x), expected, atol=1e-6)
+    assert layer.bias is None
