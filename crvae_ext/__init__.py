@@ -4,17 +4,36 @@ from . import functional, ops
 from ._backend import backends
 from ._version import __version__
 from .bounds import export, lipschitz_bound, register_bound
-from .modules import GroupSort, LipLinear, MaxMin
+from .certify import (
+    CertifyResult,
+    RobustnessTarget,
+    a_priori_radius,
+    certified_radius,
+    certify,
+    design,
+    robustness_probability,
+)
+from .modules import GroupSort, L2BallProjection, LipLinear, MaxMin
+from .vae import LipschitzVAE
 
 __all__ = [
+    "CertifyResult",
     "GroupSort",
+    "L2BallProjection",
     "LipLinear",
+    "LipschitzVAE",
     "MaxMin",
+    "RobustnessTarget",
     "__version__",
+    "a_priori_radius",
     "backends",
+    "certified_radius",
+    "certify",
+    "design",
     "export",
     "functional",
     "lipschitz_bound",
     "ops",
     "register_bound",
+    "robustness_probability",
 ]

@@ -1,6 +1,7 @@
 """Lipschitz layers: drop-in replacements for nn.Linear and activations."""
 
+from .ball import L2BallProjection
 from .groupsort import GroupSort, MaxMin
 from .liplinear import LipLinear
 
-__all__ = ["GroupSort", "LipLinear", "MaxMin"]
+__all__ = ["GroupSort", "L2BallProjection", "LipLinear", "MaxMin"]

@@ -1,0 +1,213 @@
+"""LipschitzVAE: three separate Lipschitz MLPs (encoder mean, encoder std, decoder).
+
+Each network is LipLinear + GroupSort layers scaled to its own budget, so its Lipschitz constant
+is known from the weights: a = Lip(decoder), b = Lip(mean), c = Lip(std), the inputs of the
+certificates in ``crvae_ext.certify``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from . import _checks
+from .bounds import lipschitz_bound
+from .certify import LipschitzConstants, RobustnessTarget, a_priori_radius, design
+from .likelihoods import LIKELIHOODS, gaussian_kl, log_likelihood
+from .modules import GroupSort, L2BallProjection, LipLinear
+
+_SIGMOID_LIP = 0.25
+_RESCALE_SLACK = 1e-9
+
+
+class TargetCheck(NamedTuple):
+    """The a-priori radius the current weights certify, against the target they must meet."""
+
+    radius: float
+    target: RobustnessTarget
+    constants: LipschitzConstants
+    met: bool
+
+
+def lipschitz_mlp(
+    sizes: Sequence[int], lipschitz: float, group_size: int, **layer_kwargs: Any
+) -> nn.Sequential:
+    """LipLinear layers with GroupSort between them; each layer gets lipschitz^(1/n)."""
+    n_layers = len(sizes) - 1
+    per_layer = lipschitz ** (1.0 / n_layers)
+    layers: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
+        layers.append(LipLinear(fan_in, fan_out, lipschitz=per_layer, **layer_kwargs))
+        if i < n_layers - 1:
+            layers.append(GroupSort(group_size))
+    return nn.Sequential(*layers)
+
+
+class LipschitzVAE(nn.Module):
+    """A VAE with certified robustness (Barrett et al., AISTATS 2022).
+
+    The std head ends in a sigmoid and a projection onto the l2 ball of radius ``sigma_max``
+    (S), so |sigma(x)|_2 <= S for every input; the decoder ends in a sigmoid for Bernoulli-type
+    likelihoods (``decode`` returns probabilities), in the identity for "gaussian". Sigmoids
+    count 1/4 in the bounds, so their MLPs get 4x the budget.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        latent_dim: int,
+        hidden: Sequence[int] = (512, 512),
+        lipschitz_decoder: float = 1.0,
+        lipschitz_mean: float = 1.0,
+        lipschitz_std: float = 1.0,
+        sigma_max: float = 0.1,
+        likelihood: str = "continuous_bernoulli",
+        method: str = "spectral",
+        group_size: int = 2,
+        observation_std: float = 1.0,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.input_dim = _checks.integer("input_dim", input_dim, 1)
+        self.latent_dim = _checks.integer("latent_dim", latent_dim, 1)
+        hidden = tuple(_checks.integer("hidden", h, 1) for h in hidden)
+        budgets = LipschitzConstants(
+            _checks.positive_finite("lipschitz_decoder", lipschitz_decoder),
+            _checks.positive_finite("lipschitz_mean", lipschitz_mean),
+            _checks.positive_finite("lipschitz_std", lipschitz_std),
+        )
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        for h in hidden:
+            if h % group_size:
+                raise ValueError(f"group_size={group_size} must divide every hidden size {hidden}")
+        self.sigma_max = _checks.positive_finite("sigma_max", sigma_max)
+        self.observation_std = _checks.positive_finite("observation_std", observation_std)
+        self.likelihood = likelihood
+        self.budgets = budgets
+        self.target: RobustnessTarget | None = None
+        kw = {"group_size": group_size, "method": method, "backend": backend}
+        enc_sizes = (self.input_dim, *hidden, self.latent_dim)
+        self.mean_net = lipschitz_mlp(enc_sizes, budgets.b, **kw)
+        self.std_net = nn.Sequential(
+            lipschitz_mlp(enc_sizes, budgets.c / _SIGMOID_LIP, **kw),
+            nn.Sigmoid(),
+            L2BallProjection(self.sigma_max),
+        )
+        bernoulli = likelihood != "gaussian"
+        dec_budget = budgets.a / _SIGMOID_LIP if bernoulli else budgets.a
+        self.decoder = nn.Sequential(
+            lipschitz_mlp((self.latent_dim, *hidden[::-1], self.input_dim), dec_budget, **kw),
+            nn.Sigmoid() if bernoulli else nn.Identity(),
+        )
+
+    @classmethod
+    def from_target(
+        cls,
+        input_dim: int,
+        latent_dim: int,
+        target: RobustnessTarget,
+        sigma_max: float = 0.1,
+        std_ratio: float = 0.1,
+        decoder_ratio: float = 1.0,
+        margin: float = 1e-3,
+        **kwargs: Any,
+    ) -> LipschitzVAE:
+        """A VAE whose a-priori certificate meets ``target`` (budgets from ``certify.design``).
+
+        Layers are built ``margin`` (relative) below the budgets, so the float32 power-iteration
+        estimate cannot push a fresh model over them; ``enforce_target`` handles later drift.
+        """
+        if not 0 <= margin < 1:
+            raise ValueError(f"margin must lie in [0, 1), got {margin}")
+        budgets = design(target, latent_dim, sigma_max, std_ratio, decoder_ratio)
+        a, b, c = (value * (1 - margin) for value in budgets)
+        vae = cls(input_dim, latent_dim, lipschitz_decoder=a, lipschitz_mean=b,
+                  lipschitz_std=c, sigma_max=sigma_max, **kwargs)  # fmt: skip
+        vae.budgets = budgets
+        vae.target = target
+        return vae
+
+    def _flat(self, x: torch.Tensor) -> torch.Tensor:
+        _checks.float_tensor("x", x)
+        flat = x.flatten(1) if x.dim() > 2 else x
+        if flat.dim() != 2 or flat.shape[1] != self.input_dim:
+            raise ValueError(
+                f"x must have shape (batch, {self.input_dim}) or (batch, ...) with "
+                f"{self.input_dim} features, got {tuple(x.shape)}"
+            )
+        return flat
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, sigma) of q(z | x); images are flattened."""
+        flat = self._flat(x)
+        return self.mean_net(flat), self.std_net(flat)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """g(z): probabilities for Bernoulli-type likelihoods, the mean for "gaussian"."""
+        return self.decoder(z)
+
+    def sample_latent(self, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """z = mu + sigma * eps, reparameterised."""
+        return mu + sigma * torch.randn_like(mu)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(g(z), mu, sigma) with z ~ q(z | x)."""
+        mu, sigma = self.encode(x)
+        return self.decode(self.sample_latent(mu, sigma)), mu, sigma
+
+    def elbo(self, x: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+        """Per-example ELBO, one reparameterised sample: log p(x | z) - beta KL(q || N(0, I))."""
+        beta = float(beta)
+        if not beta >= 0:
+            raise ValueError(f"beta must be >= 0, got {beta}")
+        flat = self._flat(x)
+        mu, sigma = self.encode(flat)
+        out = self.decoder[0](self.sample_latent(mu, sigma))
+        log_lik = log_likelihood(self.likelihood, out, flat, self.observation_std)
+        return log_lik - beta * gaussian_kl(mu, sigma)
+
+    def lipschitz_constants(self) -> LipschitzConstants:
+        """Sound upper bounds (a, b, c) from the actual weights (float64 SVDs)."""
+        return LipschitzConstants(
+            lipschitz_bound(self.decoder), lipschitz_bound(self.mean_net),
+            lipschitz_bound(self.std_net),
+        )  # fmt: skip
+
+    def verify_target(self) -> TargetCheck:
+        """The a-priori radius the weights certify now, and whether it meets the target."""
+        if self.target is None:
+            raise ValueError("this VAE has no target: build it with LipschitzVAE.from_target")
+        constants = self.lipschitz_constants()
+        radius = a_priori_radius(
+            constants, self.target.r, self.target.p, sigma_max=self.sigma_max,
+            latent_dim=self.latent_dim,
+        )  # fmt: skip
+        return TargetCheck(radius, self.target, constants, radius >= self.target.radius)
+
+    @torch.no_grad()
+    def enforce_target(self) -> TargetCheck:
+        """Make the target provably hold: converge every power iteration, then rescale any
+        network whose exact bound still exceeds its budget (its last layer's k shrinks)."""
+        check = self.verify_target()
+        if check.met:
+            return check
+        for module in self.modules():
+            if isinstance(module, LipLinear):
+                module.converge_()
+        constants = self.lipschitz_constants()
+        for net, bound, budget in zip(self._networks(), constants, self.budgets, strict=True):
+            if bound > budget:
+                last = [m for m in net.modules() if isinstance(m, LipLinear)][-1]
+                last.lipschitz = last.lipschitz * budget / bound * (1 - _RESCALE_SLACK)
+        check = self.verify_target()
+        if not check.met:
+            raise RuntimeError(f"could not enforce the target: {check}")
+        return check
+
+    def _networks(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        return self.decoder, self.mean_net, self.std_net
