@@ -14,7 +14,7 @@ from .certify import (
     robustness_probability,
 )
 from .modules import GroupSort, L2BallProjection, LipLinear, MaxMin
-from .vae import LipschitzVAE
+from .vae import LipschitzVAE, StandardVAE
 
 __all__ = [
     "CertifyResult",
@@ -24,6 +24,7 @@ __all__ = [
     "LipschitzVAE",
     "MaxMin",
     "RobustnessTarget",
+    "StandardVAE",
     "__version__",
     "a_priori_radius",
     "backends",

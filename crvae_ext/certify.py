@@ -111,8 +111,9 @@ def design(
 
     def reaches(scale: float) -> bool:
         budgets = (decoder_ratio * scale, scale, std_ratio * scale)
-        got = a_priori_radius(budgets, target.r, target.p, sigma_max=sigma_max,
-                              latent_dim=latent_dim, bound=bound)  # fmt: skip
+        got = a_priori_radius(
+            budgets, target.r, target.p, sigma_max=sigma_max, latent_dim=latent_dim, bound=bound
+        )
         return got >= target.radius
 
     lo, hi = 1.0, 1.0
@@ -166,8 +167,18 @@ def certify(
         winner = (bound,) * len(s)
     else:
         winner = tuple("markov" if w else "chi2" for w in (result.markov >= result.chi2).tolist())
-    return CertifyResult(result.radius, result.markov, result.chi2, winner, constants,
-                         s, s_inf, float(r), float(p), bound)  # fmt: skip
+    return CertifyResult(
+        result.radius,
+        result.markov,
+        result.chi2,
+        winner,
+        constants,
+        s,
+        s_inf,
+        float(r),
+        float(p),
+        bound,
+    )
 
 
 @dataclass

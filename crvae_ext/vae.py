@@ -47,7 +47,75 @@ def lipschitz_mlp(
     return nn.Sequential(*layers)
 
 
-class LipschitzVAE(nn.Module):
+class VAEBase(nn.Module):
+    """Shared VAE behaviour: ``mean_net``, ``std_net`` and ``decoder`` (whose last module is the
+    output activation) are set by subclasses, with ``input_dim``, ``latent_dim``, ``likelihood``
+    and ``observation_std``."""
+
+    input_dim: int
+    latent_dim: int
+    likelihood: str
+    observation_std: float
+    sigma_max: float | None = None
+
+    def _flat(self, x: torch.Tensor) -> torch.Tensor:
+        _checks.float_tensor("x", x)
+        flat = x.flatten(1) if x.dim() > 2 else x
+        if flat.dim() != 2 or flat.shape[1] != self.input_dim:
+            raise ValueError(
+                f"x must have shape (batch, {self.input_dim}) or (batch, ...) with "
+                f"{self.input_dim} features, got {tuple(x.shape)}"
+            )
+        return flat
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, sigma) of q(z | x); images are flattened."""
+        flat = self._flat(x)
+        return self.mean_net(flat), self.std_net(flat)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """g(z): probabilities for Bernoulli-type likelihoods, the mean for "gaussian"."""
+        return self.decoder(z)
+
+    def sample_latent(
+        self, mu: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """z = mu + sigma * eps, reparameterised; eps ~ N(0, I) unless given."""
+        return mu + sigma * (torch.randn_like(mu) if eps is None else eps)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(g(z), mu, sigma) with z ~ q(z | x)."""
+        mu, sigma = self.encode(x)
+        return self.decode(self.sample_latent(mu, sigma)), mu, sigma
+
+    def elbo(
+        self, x: torch.Tensor, beta: float = 1.0, eps: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Per-example ELBO, one reparameterised sample: log p(x | z) - beta KL(q || N(0, I)).
+
+        ``eps`` (batch x latent_dim) fixes the sampling noise, e.g. for reproducible training.
+        """
+        beta = float(beta)
+        if not beta >= 0:
+            raise ValueError(f"beta must be >= 0, got {beta}")
+        flat = self._flat(x)
+        mu, sigma = self.encode(flat)
+        if eps is not None and eps.shape != mu.shape:
+            raise ValueError(f"eps must have shape {tuple(mu.shape)}, got {tuple(eps.shape)}")
+        out = self.decoder[0](self.sample_latent(mu, sigma, eps))
+        log_lik = log_likelihood(self.likelihood, out, flat, self.observation_std)
+        return log_lik - beta * gaussian_kl(mu, sigma)
+
+    def lipschitz_constants(self) -> LipschitzConstants:
+        """Sound upper bounds (a, b, c) from the actual weights (float64 SVDs)."""
+        return LipschitzConstants(
+            lipschitz_bound(self.decoder),
+            lipschitz_bound(self.mean_net),
+            lipschitz_bound(self.std_net),
+        )
+
+
+class LipschitzVAE(VAEBase):
     """A VAE with certified robustness (Barrett et al., AISTATS 2022).
 
     The std head ends in a sigmoid and a projection onto the l2 ball of radius ``sigma_max``
@@ -89,6 +157,19 @@ class LipschitzVAE(nn.Module):
         self.observation_std = _checks.positive_finite("observation_std", observation_std)
         self.likelihood = likelihood
         self.budgets = budgets
+        self.config = {
+            "input_dim": self.input_dim,
+            "latent_dim": self.latent_dim,
+            "hidden": list(hidden),
+            "lipschitz_decoder": budgets.a,
+            "lipschitz_mean": budgets.b,
+            "lipschitz_std": budgets.c,
+            "sigma_max": self.sigma_max,
+            "likelihood": likelihood,
+            "method": method,
+            "group_size": group_size,
+            "observation_std": self.observation_std,
+        }
         self.target: RobustnessTarget | None = None
         kw = {"group_size": group_size, "method": method, "backend": backend}
         enc_sizes = (self.input_dim, *hidden, self.latent_dim)
@@ -126,57 +207,18 @@ class LipschitzVAE(nn.Module):
             raise ValueError(f"margin must lie in [0, 1), got {margin}")
         budgets = design(target, latent_dim, sigma_max, std_ratio, decoder_ratio)
         a, b, c = (value * (1 - margin) for value in budgets)
-        vae = cls(input_dim, latent_dim, lipschitz_decoder=a, lipschitz_mean=b,
-                  lipschitz_std=c, sigma_max=sigma_max, **kwargs)  # fmt: skip
+        vae = cls(
+            input_dim,
+            latent_dim,
+            lipschitz_decoder=a,
+            lipschitz_mean=b,
+            lipschitz_std=c,
+            sigma_max=sigma_max,
+            **kwargs,
+        )
         vae.budgets = budgets
         vae.target = target
         return vae
-
-    def _flat(self, x: torch.Tensor) -> torch.Tensor:
-        _checks.float_tensor("x", x)
-        flat = x.flatten(1) if x.dim() > 2 else x
-        if flat.dim() != 2 or flat.shape[1] != self.input_dim:
-            raise ValueError(
-                f"x must have shape (batch, {self.input_dim}) or (batch, ...) with "
-                f"{self.input_dim} features, got {tuple(x.shape)}"
-            )
-        return flat
-
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mu, sigma) of q(z | x); images are flattened."""
-        flat = self._flat(x)
-        return self.mean_net(flat), self.std_net(flat)
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """g(z): probabilities for Bernoulli-type likelihoods, the mean for "gaussian"."""
-        return self.decoder(z)
-
-    def sample_latent(self, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """z = mu + sigma * eps, reparameterised."""
-        return mu + sigma * torch.randn_like(mu)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(g(z), mu, sigma) with z ~ q(z | x)."""
-        mu, sigma = self.encode(x)
-        return self.decode(self.sample_latent(mu, sigma)), mu, sigma
-
-    def elbo(self, x: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
-        """Per-example ELBO, one reparameterised sample: log p(x | z) - beta KL(q || N(0, I))."""
-        beta = float(beta)
-        if not beta >= 0:
-            raise ValueError(f"beta must be >= 0, got {beta}")
-        flat = self._flat(x)
-        mu, sigma = self.encode(flat)
-        out = self.decoder[0](self.sample_latent(mu, sigma))
-        log_lik = log_likelihood(self.likelihood, out, flat, self.observation_std)
-        return log_lik - beta * gaussian_kl(mu, sigma)
-
-    def lipschitz_constants(self) -> LipschitzConstants:
-        """Sound upper bounds (a, b, c) from the actual weights (float64 SVDs)."""
-        return LipschitzConstants(
-            lipschitz_bound(self.decoder), lipschitz_bound(self.mean_net),
-            lipschitz_bound(self.std_net),
-        )  # fmt: skip
 
     def verify_target(self) -> TargetCheck:
         """The a-priori radius the weights certify now, and whether it meets the target."""
@@ -184,9 +226,12 @@ class LipschitzVAE(nn.Module):
             raise ValueError("this VAE has no target: build it with LipschitzVAE.from_target")
         constants = self.lipschitz_constants()
         radius = a_priori_radius(
-            constants, self.target.r, self.target.p, sigma_max=self.sigma_max,
+            constants,
+            self.target.r,
+            self.target.p,
+            sigma_max=self.sigma_max,
             latent_dim=self.latent_dim,
-        )  # fmt: skip
+        )
         return TargetCheck(radius, self.target, constants, radius >= self.target.radius)
 
     @torch.no_grad()
@@ -211,3 +256,52 @@ class LipschitzVAE(nn.Module):
 
     def _networks(self) -> tuple[nn.Module, nn.Module, nn.Module]:
         return self.decoder, self.mean_net, self.std_net
+
+
+def plain_mlp(sizes: Sequence[int]) -> nn.Sequential:
+    """nn.Linear layers with ReLU between them (the unconstrained baseline)."""
+    layers: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
+        layers.append(nn.Linear(fan_in, fan_out))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class StandardVAE(VAEBase):
+    """The unconstrained baseline: the same MLP shapes of nn.Linear + ReLU, a softplus std head.
+
+    Its constants are still sound (spectral norms of its weights) but large, so its certificates
+    are near zero: the comparison the paper draws.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        latent_dim: int,
+        hidden: Sequence[int] = (512, 512),
+        likelihood: str = "continuous_bernoulli",
+        observation_std: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.input_dim = _checks.integer("input_dim", input_dim, 1)
+        self.latent_dim = _checks.integer("latent_dim", latent_dim, 1)
+        hidden = tuple(_checks.integer("hidden", h, 1) for h in hidden)
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        self.likelihood = likelihood
+        self.observation_std = _checks.positive_finite("observation_std", observation_std)
+        self.config = {
+            "input_dim": self.input_dim,
+            "latent_dim": self.latent_dim,
+            "hidden": list(hidden),
+            "likelihood": likelihood,
+            "observation_std": self.observation_std,
+        }
+        enc_sizes = (self.input_dim, *hidden, self.latent_dim)
+        self.mean_net = plain_mlp(enc_sizes)
+        self.std_net = nn.Sequential(plain_mlp(enc_sizes), nn.Softplus())
+        self.decoder = nn.Sequential(
+            plain_mlp((self.latent_dim, *hidden[::-1], self.input_dim)),
+            nn.Identity() if likelihood == "gaussian" else nn.Sigmoid(),
+        )

@@ -26,9 +26,13 @@ def test_leaky_relu_and_elu_constants():
 
 def _lip_stack(method: str) -> nn.Sequential:
     torch.manual_seed(1)
-    layers = [LipLinear(12, 16, lipschitz=1.5, method=method), GroupSort(4),
-              LipLinear(16, 16, lipschitz=2.0, method=method), MaxMin(),
-              LipLinear(16, 5, lipschitz=0.5, method=method)]  # fmt: skip
+    layers = [
+        LipLinear(12, 16, lipschitz=1.5, method=method),
+        GroupSort(4),
+        LipLinear(16, 16, lipschitz=2.0, method=method),
+        MaxMin(),
+        LipLinear(16, 5, lipschitz=0.5, method=method),
+    ]
     for layer in layers:
         if isinstance(layer, LipLinear):
             with torch.no_grad():

@@ -23,8 +23,15 @@ from crvae_ext.certify import clopper_pearson
 @pytest.fixture
 def vae() -> LipschitzVAE:
     torch.manual_seed(0)
-    model = LipschitzVAE(16, 3, hidden=(8, 8), lipschitz_decoder=2.0, lipschitz_mean=1.5,
-                         lipschitz_std=0.3, sigma_max=0.5)  # fmt: skip
+    model = LipschitzVAE(
+        16,
+        3,
+        hidden=(8, 8),
+        lipschitz_decoder=2.0,
+        lipschitz_mean=1.5,
+        lipschitz_std=0.3,
+        sigma_max=0.5,
+    )
     with torch.no_grad():  # a std head that varies with x, so per-input radii differ
         model.std_net[0][-1].bias.fill_(-3.0)
     return model

@@ -159,7 +159,16 @@ def test_degenerate_constants():
     ],
 )
 def test_bad_input(kwargs, exc, match):
-    args = {"a": 1.0, "b": 1.0, "c": 1.0, "sigma_l2": 0.1, "sigma_inf": 0.1, "r": 1.0,
-            "p": 0.5, "latent_dim": 4, **kwargs}  # fmt: skip
+    args = {
+        "a": 1.0,
+        "b": 1.0,
+        "c": 1.0,
+        "sigma_l2": 0.1,
+        "sigma_inf": 0.1,
+        "r": 1.0,
+        "p": 0.5,
+        "latent_dim": 4,
+        **kwargs,
+    }
     with pytest.raises(exc, match=match):
         certified_radius(**args)

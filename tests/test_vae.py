@@ -26,8 +26,15 @@ def _exact_chain(net: nn.Module) -> float:
 @pytest.fixture
 def vae() -> LipschitzVAE:
     torch.manual_seed(0)
-    return LipschitzVAE(20, 4, hidden=(16, 16), lipschitz_decoder=3.0, lipschitz_mean=2.0,
-                        lipschitz_std=0.5, sigma_max=0.2)  # fmt: skip
+    return LipschitzVAE(
+        20,
+        4,
+        hidden=(16, 16),
+        lipschitz_decoder=3.0,
+        lipschitz_mean=2.0,
+        lipschitz_std=0.5,
+        sigma_max=0.2,
+    )
 
 
 def test_three_separate_networks(vae):
@@ -67,11 +74,16 @@ def _cb_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     eta, x = logits.detach().double(), x.double()
     log_lam, log_1m = F.logsigmoid(eta), F.logsigmoid(-eta)
     log_norm = torch.tensor(
-        [-math.log(integrate.quad(lambda t, a=a, b=b: math.exp(t * a + (1 - t) * b), 0, 1,
-                                  epsabs=0, epsrel=1e-12)[0])
-         for a, b in zip(log_lam.flatten().tolist(), log_1m.flatten().tolist(), strict=True)],
+        [
+            -math.log(
+                integrate.quad(
+                    lambda t, a=a, b=b: math.exp(t * a + (1 - t) * b), 0, 1, epsabs=0, epsrel=1e-12
+                )[0]
+            )
+            for a, b in zip(log_lam.flatten().tolist(), log_1m.flatten().tolist(), strict=True)
+        ],
         dtype=torch.float64,
-    ).view_as(eta)  # fmt: skip
+    ).view_as(eta)
     return (x * log_lam + (1 - x) * log_1m + log_norm).sum(-1)
 
 

@@ -144,9 +144,15 @@ class LipLinear(nn.Module):
     def _eval_key(self) -> tuple:
         w = self.weight
         return (
-            _optimizer_steps[0], w._version, w.data_ptr(), w.dtype,
-            self.u._version, self.v._version, self.u.data_ptr(), self._lipschitz,
-        )  # fmt: skip
+            _optimizer_steps[0],
+            w._version,
+            w.data_ptr(),
+            w.dtype,
+            self.u._version,
+            self.v._version,
+            self.u.data_ptr(),
+            self._lipschitz,
+        )
 
     def _frozen(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(scale, u, v) for eval: sigma_hat = u^T W v from the buffers, no iteration."""

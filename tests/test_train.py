@@ -1,0 +1,121 @@
+"""Training: the loss falls, runs are deterministic, checkpoints round-trip, DDP = 1 process."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from crvae_ext import StandardVAE
+from crvae_ext.checkpoint import load_checkpoint, save_checkpoint
+from crvae_ext.train import TrainConfig, evaluate_elbo, train
+
+pytest.importorskip("sklearn")
+from train_setup import small_data, small_vae
+
+HERE = Path(__file__).resolve().parent
+
+
+def _config(**kwargs) -> TrainConfig:
+    return TrainConfig(**{"epochs": 2, "batch_size": 32, "lr": 1e-3, "progress": False, **kwargs})
+
+
+def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        torch.equal(sa[k], sb[k]) for k in sa if isinstance(sa[k], torch.Tensor)
+    )
+
+
+def test_training_lowers_the_loss_and_improves_the_elbo():
+    model, data = small_vae(), small_data()
+    before = evaluate_elbo(model, data)
+    history = train(model, data, _config(epochs=4, lr=3e-3))
+    assert history[-1] < history[0]
+    assert evaluate_elbo(model, data) > before
+
+
+def test_runs_are_deterministic():
+    a, b = small_vae(), small_vae()
+    assert train(a, small_data(), _config()) == train(b, small_data(), _config())
+    assert _same_state(a, b)
+
+
+def test_resume_repeats_the_uninterrupted_run(tmp_path):
+    whole = small_vae()
+    train(whole, small_data(), _config(epochs=2))
+    first = small_vae()
+    train(first, small_data(), _config(epochs=1, checkpoint=str(tmp_path / "ck.pt")))
+    resumed = small_vae()
+    train(resumed, small_data(), _config(epochs=2), resume=tmp_path / "ck.pt")
+    assert _same_state(whole, resumed)
+
+
+@pytest.mark.parametrize("kind", ["lipschitz", "standard"])
+def test_checkpoint_round_trip(tmp_path, kind):
+    model = small_vae() if kind == "lipschitz" else StandardVAE(64, 4, hidden=(16, 16))
+    opt = torch.optim.Adam(model.parameters())
+    train(model, small_data(), _config(epochs=1))
+    save_checkpoint(tmp_path / "m.pt", model, opt, epoch=1, history=[1.5])
+    loaded = load_checkpoint(tmp_path / "m.pt")
+    assert type(loaded.model) is type(model) and loaded.epoch == 1 and loaded.history == [1.5]
+    assert _same_state(model, loaded.model)
+    model.eval()
+    loaded.model.eval()
+    x = small_data().images[:5]
+    assert torch.equal(model.encode(x)[0], loaded.model.encode(x)[0])
+    assert loaded.model.lipschitz_constants() == model.lipschitz_constants()
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt")
+    torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a crvae_ext checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(TypeError, match="cannot checkpoint Linear"):
+        save_checkpoint(tmp_path / "x.pt", torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"epochs": 0}, "epochs must be >= 1"),
+        ({"lr": -1.0}, "lr must be"),
+        ({"beta": -0.5}, "beta must be >= 0"),
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+    ],
+)
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _config(**kwargs)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(HERE / "ddp_worker.py"),
+        str(tmp_path),
+        str(HERE),
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["world"] == 2
+    for key, value in ranks[0]["state"].items():
+        if isinstance(value, torch.Tensor):  # identical on every rank, power-iteration buffers too
+            assert torch.equal(value, ranks[1]["state"][key]), key
+    single = small_vae()
+    history = train(single, small_data(), _config())
+    assert history == pytest.approx(ranks[0]["history"], rel=1e-5)
+    for key, value in single.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.allclose(value, ranks[0]["state"][key], atol=1e-5), key
