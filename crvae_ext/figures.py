@@ -22,6 +22,16 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path, legend_ax=None) -> Path:
+    """Legend (if asked), tight layout, write the PNG, free the figure."""
+    if legend_ax is not None:
+        legend_ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def reconstructions(
     models: dict[str, nn.Module],
     x: torch.Tensor,
@@ -51,10 +61,7 @@ def reconstructions(
                 ax.set_xticks([])
                 ax.set_yticks([])
             axes[m * len(rows) + i, 0].set_ylabel(f"{name}\n{label}", fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def robustness_curve(results: list[Evaluation], settings: EvalSettings, path: Path) -> Path:
@@ -70,11 +77,7 @@ def robustness_curve(results: list[Evaluation], settings: EvalSettings, path: Pa
     ax.axhline(settings.p, ls="--", color="k", lw=0.8, label=f"p = {settings.p:g}")
     ax.set_xlabel("attack norm |d|_2")
     ax.set_ylabel(f"P(|Delta| <= {settings.r:g})")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, ax)
 
 
 def margin_scatter(results: list[Evaluation], path: Path) -> Path:
@@ -96,11 +99,7 @@ def margin_scatter(results: list[Evaluation], path: Path) -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("empirical margin (attack)")
     ax.set_ylabel("certified radius")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, ax)
 
 
 def sweep_radii(lipschitz, results: list[Evaluation], settings, path: Path) -> Path:
@@ -124,8 +123,4 @@ def sweep_radii(lipschitz, results: list[Evaluation], settings, path: Path) -> P
     ax.set_yscale("log")
     ax.set_xlabel("L")
     ax.set_ylabel("radius (l2, pixels in [0, 1])")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, ax)
