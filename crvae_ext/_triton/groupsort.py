@@ -7,8 +7,9 @@ gradients the way the reference does, ties and signed zeros included.
 
 Paths: register sorting networks for G = 2, 4, 8; a rank path for any other G (each element's
 destination = number of group members ordered before it; O(G^2) compares, chunked so registers
-stay bounded). Layouts: inner == 1 (groups contiguous along the last dim) tiles [groups, G];
-inner > 1 tiles [inner block, G] so loads stay coalesced along the contiguous inner dim.
+stay bounded). Tiles are [B, G]: B groups, member j in column j. Inner == 1 (groups along the
+last dim) gives contiguous, vectorised tiles; a large inner dim gets 2-D programs over one row
+group's inner positions, so loads stay coalesced along it.
 Strided inputs are read in place whenever the outer and inner dims each collapse to one stride.
 
 The backward recomputes the order from x: it moves grad + x in and grad_x out, the same bytes
@@ -24,6 +25,7 @@ import triton.language as tl
 from . import _common
 
 NETWORK_SIZES = (2, 4, 8)
+BLOCKED_INNER = 256  # inner sizes from which programs take blocks of one row group's positions
 _TILE = 1024  # elements per program in the network paths
 _RANK_CHUNK = 128  # group members ranked at once in the rank path
 
@@ -141,46 +143,42 @@ def _network(t, B: tl.constexpr, G: tl.constexpr):
 
 @triton.jit
 def _tile_offsets(n_rows, groups_per_row, inner, s_outer, s_chan, s_inner, B: tl.constexpr,
-                  G: tl.constexpr, INNER_ONE: tl.constexpr, CONTIGUOUS: tl.constexpr):  # fmt: skip
-    """Offsets of member 0 of each tile row in x and in the (contiguous) output, the column
-    strides in both, and the row mask.
+                  G: tl.constexpr, BLOCKED: tl.constexpr, CONTIGUOUS: tl.constexpr):  # fmt: skip
+    """Per tile row: offset of member 0 in x and in the contiguous output, the column strides
+    of both, and the row mask. A row group is r = (outer, channel group); it has ``inner``
+    groups, one per inner position.
 
-    INNER_ONE: tile rows are whole groups, program axis 0 walks them. Otherwise program (r, q)
-    takes row group r = (outer, channel group) and its tile rows are inner positions q*B + [0, B).
+    Flat: tile rows walk all (r, position) pairs; with inner == 1 (specialised by Triton) the
+    tile is [groups, G] contiguous. BLOCKED: program (r, q) takes positions q*B + [0, B) of
+    row group r, provably contiguous along the inner dim.
     """
-    if INNER_ONE:
-        group = tl.program_id(0).to(tl.int64) * B + tl.arange(0, B)
-        mask = group < n_rows
-        out_base = group * G
-        if CONTIGUOUS:
-            in_base = out_base
-        else:
-            outer = group // groups_per_row
-            in_base = outer * s_outer + (group - outer * groups_per_row) * G * s_chan
-        return in_base, s_chan, out_base, 1, mask
-    else:
+    if BLOCKED:
         row = tl.program_id(0).to(tl.int64)
         pos = tl.program_id(1).to(tl.int64) * B + tl.arange(0, B)
         mask = pos < inner
-        out_base = row * G * inner + pos
-        if CONTIGUOUS:
-            in_base = out_base
-        else:
-            outer = row // groups_per_row
-            chan = (row - outer * groups_per_row) * G
-            in_base = outer * s_outer + chan * s_chan + pos * s_inner
-        return in_base, s_chan, out_base, inner, mask
+    else:
+        flat = tl.program_id(0).to(tl.int64) * B + tl.arange(0, B)
+        mask = flat < n_rows * inner
+        row = flat // inner
+        pos = flat - row * inner
+    out_base = row * G * inner + pos
+    if CONTIGUOUS:
+        in_base = out_base
+    else:
+        outer = row // groups_per_row
+        in_base = outer * s_outer + (row - outer * groups_per_row) * G * s_chan + pos * s_inner
+    return in_base, s_chan, out_base, inner, mask
 
 
 @triton.jit
 def _groupsort_network_kernel(x_ptr, grad_ptr, out_ptr, n_rows, groups_per_row, inner, s_outer,
                               s_chan, s_inner, B: tl.constexpr, G: tl.constexpr,
-                              INNER_ONE: tl.constexpr, CONTIGUOUS: tl.constexpr,
+                              BLOCKED: tl.constexpr, CONTIGUOUS: tl.constexpr,
                               BACKWARD: tl.constexpr):  # fmt: skip
     """Sorting-network path (G in 2, 4, 8): forward writes the sorted groups to ``out``;
     backward writes grad_x to ``out``, routing grad[k] to the member sorted into place k."""
     in_base, in_cs, out_base, out_cs, rows = _tile_offsets(
-        n_rows, groups_per_row, inner, s_outer, s_chan, s_inner, B, G, INNER_ONE, CONTIGUOUS
+        n_rows, groups_per_row, inner, s_outer, s_chan, s_inner, B, G, BLOCKED, CONTIGUOUS
     )
     cols = tl.arange(0, G)
     mask = rows[:, None] & (cols[None, :] < G)
@@ -204,12 +202,12 @@ def _groupsort_network_kernel(x_ptr, grad_ptr, out_ptr, n_rows, groups_per_row, 
 @triton.jit
 def _groupsort_rank_kernel(x_ptr, grad_ptr, out_ptr, n_rows, groups_per_row, inner, s_outer,
                            s_chan, s_inner, B: tl.constexpr, G: tl.constexpr, J: tl.constexpr,
-                           INNER_ONE: tl.constexpr, CONTIGUOUS: tl.constexpr,
+                           BLOCKED: tl.constexpr, CONTIGUOUS: tl.constexpr,
                            BACKWARD: tl.constexpr):  # fmt: skip
     """Rank path (any G): member j goes to place rank_j = #{members ordered before j}, ranked
     J members at a time against all G. Forward scatters x; backward gathers grad."""
     in_base, in_cs, out_base, out_cs, rows = _tile_offsets(
-        n_rows, groups_per_row, inner, s_outer, s_chan, s_inner, B, G, INNER_ONE, CONTIGUOUS
+        n_rows, groups_per_row, inner, s_outer, s_chan, s_inner, B, G, BLOCKED, CONTIGUOUS
     )
     for start in range(0, G, J):
         cols = start + tl.arange(0, J)
@@ -242,15 +240,15 @@ def _launch(x: torch.Tensor, grad: torch.Tensor | None, group_size: int, dim: in
     (n_outer, s_outer), (n_inner, s_inner) = outer, inner
     groups_per_row = shape[dim] // group_size
     n_rows = n_outer * groups_per_row
-    inner_one = n_inner == 1
+    blocked = n_inner >= BLOCKED_INNER
     network = group_size in NETWORK_SIZES
     width = group_size if network else min(triton.next_power_of_2(group_size), _RANK_CHUNK)
-    span = n_rows if inner_one else n_inner
+    span = n_inner if blocked else n_rows * n_inner
     block = max(1, min(_TILE // width, triton.next_power_of_2(span)))
-    grid = (triton.cdiv(n_rows, block),) if inner_one else (n_rows, triton.cdiv(n_inner, block))
+    grid = (n_rows, triton.cdiv(n_inner, block)) if blocked else (triton.cdiv(span, block),)
     args = (x, x if grad is None else grad, out, n_rows, groups_per_row, n_inner, s_outer,
             stride[dim], s_inner)  # fmt: skip
-    flags = {"INNER_ONE": inner_one, "CONTIGUOUS": x.is_contiguous(), "BACKWARD": grad is not None}
+    flags = {"BLOCKED": blocked, "CONTIGUOUS": x.is_contiguous(), "BACKWARD": grad is not None}
     if network:
         _common.launch(_groupsort_network_kernel, grid)(*args, B=block, G=group_size, **flags)
     else:
