@@ -243,8 +243,9 @@ def _launch(x: torch.Tensor, grad: torch.Tensor | None, group_size: int, dim: in
     blocked = n_inner >= BLOCKED_INNER
     network = group_size in NETWORK_SIZES
     width = group_size if network else min(triton.next_power_of_2(group_size), _RANK_CHUNK)
+    # Block sizes depend on the group size only: symbolic shapes under torch.compile stay so.
+    block = min(_TILE // width, BLOCKED_INNER) if blocked else max(1, _TILE // width)
     span = n_inner if blocked else n_rows * n_inner
-    block = max(1, min(_TILE // width, triton.next_power_of_2(span)))
     grid = (n_rows, triton.cdiv(n_inner, block)) if blocked else (triton.cdiv(span, block),)
     args = (x, x if grad is None else grad, out, n_rows, groups_per_row, n_inner, s_outer,
             stride[dim], s_inner)  # fmt: skip

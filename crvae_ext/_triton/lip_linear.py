@@ -23,7 +23,8 @@ from . import _common
 
 GEMM = "cublas"
 _TILE_ROWS, _TILE_COLS = 32, 128  # elementwise tiles
-_SPLIT_ROWS = 64  # rows per program in the backward reductions
+_DOT_CHUNK = 256  # partial dot products summed at a time
+_SPLITS = 32  # row splits of the backward reductions: fixed, so partial counts are static
 
 
 @triton.jit
@@ -81,11 +82,12 @@ def _lip_linear_grad_kernel(grad_ptr, s_gr, s_gc, out_ptr, bias_ptr, scale_ptr, 
 
 @triton.jit
 def _coefficient(dot_ptr, n_dot, scale_ptr, inv_k, ND: tl.constexpr):
-    """coef = (scale / k) * sum of the partial <G, y - b>."""
-    idx = tl.arange(0, ND)
-    dots = tl.load(dot_ptr + idx, mask=idx < n_dot, other=0.0)
-    scale = tl.load(scale_ptr).to(dots.dtype)
-    return tl.sum(dots, axis=0) * (scale * inv_k)
+    """coef = (scale / k) * sum of the ``n_dot`` partial <G, y - b>, ND at a time."""
+    total = tl.zeros([ND], dot_ptr.dtype.element_ty)
+    for start in range(0, n_dot, ND):
+        idx = start + tl.arange(0, ND)
+        total += tl.load(dot_ptr + idx, mask=idx < n_dot, other=0.0)
+    return tl.sum(total, axis=0) * (tl.load(scale_ptr).to(total.dtype) * inv_k)
 
 
 @triton.jit
@@ -174,7 +176,7 @@ def _matmul(a, b, out, scale, *, bias=None, rank1=None, inv_k=1.0) -> torch.Tens
     args = (a, b, out, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), scale,
             bias if bias is not None else scale, dots, dots.numel(), u, v, inv_k)  # fmt: skip
     flags = {"HAS_BIAS": bias is not None, "RANK1": rank1 is not None, "PRECISION": precision,
-             "ND": triton.next_power_of_2(dots.numel())}  # fmt: skip
+             "ND": _DOT_CHUNK}  # fmt: skip
     if _common.INTERPRETED:
         cfg = _INTERPRETER_CONFIG
         grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]),)
@@ -216,14 +218,15 @@ def _reductions(grad, out, bias, scale, write_g: bool, need_dot: bool):
     """The backward's one elementwise pass: (g or None, per-split column sums, partial dots)."""
     rows, cols = grad.shape
     acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    splits = max(1, triton.cdiv(rows, _SPLIT_ROWS))
+    splits = _SPLITS
+    rows_per_split = triton.cdiv(triton.cdiv(rows, splits), _TILE_ROWS) * _TILE_ROWS
     col_blocks = triton.cdiv(cols, _TILE_COLS)
     g = torch.empty(rows, cols, dtype=grad.dtype, device=grad.device) if write_g else None
     colsum = torch.empty(splits, cols, dtype=acc, device=grad.device)
     dots = torch.empty(splits * col_blocks, dtype=acc, device=grad.device)
     _common.launch(_lip_linear_grad_kernel, (col_blocks, splits))(
         grad, grad.stride(0), grad.stride(1), out, bias if bias is not None else scale, scale,
-        g if g is not None else colsum, colsum, dots, rows, cols, _SPLIT_ROWS,
+        g if g is not None else colsum, colsum, dots, rows, cols, rows_per_split,
         HAS_BIAS=bias is not None, WRITE_G=write_g, NEED_DOT=need_dot,
         BR=_TILE_ROWS, BC=_TILE_COLS,
     )  # fmt: skip
@@ -235,7 +238,7 @@ def _rank1(grad_w, u, v, dots, scale, inv_k) -> None:
     grid = (triton.cdiv(m, _TILE_ROWS), triton.cdiv(n, _TILE_COLS))
     _common.launch(_lip_linear_rank1_kernel, grid)(
         grad_w, grad_w.stride(0), grad_w.stride(1), u, v, dots, dots.numel(), scale, inv_k, m, n,
-        BR=_TILE_ROWS, BC=_TILE_COLS, ND=triton.next_power_of_2(dots.numel()),
+        BR=_TILE_ROWS, BC=_TILE_COLS, ND=_DOT_CHUNK,
     )  # fmt: skip
 
 

@@ -150,7 +150,7 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _small(weight, v, n_iters, outputs) -> None:
     sigma, u, v_out = outputs
-    m, n = weight.shape
+    m, n = (int(size) for size in weight.shape)
     big_m, big_n = triton.next_power_of_2(m), triton.next_power_of_2(n)
     _common.launch(_power_iteration_small_kernel, (1,))(
         weight, v, sigma, u, v_out, m, n, weight.stride(0), weight.stride(1), n_iters,
@@ -160,7 +160,7 @@ def _small(weight, v, n_iters, outputs) -> None:
 
 def _large(weight, v, n_iters, outputs) -> None:
     sigma, u, v_out = outputs
-    m, n = weight.shape
+    m, n = (int(size) for size in weight.shape)
     acc, device = u.dtype, u.device
     whole_row = triton.next_power_of_2(n) <= ROW_TILE
     bn = triton.next_power_of_2(n) if whole_row else _COL_BLOCK
@@ -195,7 +195,7 @@ def power_iteration(
     """``n_iters`` steps of u = W v/|W v|, v = W^T u/|W^T u|; returns (sigma, u, v)."""
     if not _common.runs_here(weight.device):
         return _common.delegate(weight.device).power_iteration(weight, v, n_iters)
-    m, n = weight.shape
+    m, n = (int(size) for size in weight.shape)  # block sizes are compile-time constants
     acc = _accumulate_dtype(weight.dtype)
     if n_iters <= 0 or weight.numel() == 0:
         return _common.delegate(weight.device).power_iteration(weight, v, n_iters)
