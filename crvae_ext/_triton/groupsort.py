@@ -89,10 +89,9 @@ def _network(t, B: tl.constexpr, G: tl.constexpr):
     """Sort each row of a [B, G] tile (G in 2, 4, 8): (sorted values, source columns) tiles."""
     if G == 2:
         a, b = tl.split(t)
-        swap = _less(b, 1, a, 0)
-        zero = tl.zeros([B], tl.int32)
+        swap = (b < a) | ((a != a) & (b == b))  # (b, 1) < (a, 0): ties never swap
         values = tl.join(tl.where(swap, b, a), tl.where(swap, a, b))
-        index = tl.join(swap.to(tl.int32), 1 - swap.to(tl.int32)) + tl.expand_dims(zero, 1)
+        index = tl.join(swap.to(tl.int32), 1 - swap.to(tl.int32))
     elif G == 4:
         x0, x1, x2, x3 = _split4(t, B)
         i0 = tl.zeros([B], tl.int32)

@@ -24,7 +24,9 @@ from . import _common
 GEMM = "cublas"
 _TILE_ROWS, _TILE_COLS = 32, 128  # elementwise tiles
 _DOT_CHUNK = 256  # partial dot products summed at a time
-_SPLITS = 32  # row splits of the backward reductions: fixed, so partial counts are static
+# Row splits of the backward reductions: fixed, so partial counts stay static under compile;
+# the interpreter runs programs one by one, so it gets fewer.
+_SPLITS = 4 if _common.INTERPRETED else 32
 
 
 @triton.jit

@@ -95,6 +95,9 @@ def _power_iteration_rows_kernel(w_ptr, v_ptr, vsq_ptr, n_vsq, t_ptr, tsq_ptr, p
         for start in range(0, n, BN):
             cols = start + tl.arange(0, BN)
             tl.store(part_row + cols, tl.zeros([BN], acc), mask=cols < n)
+        # The partial row is read back by other threads of this program: barriers order the
+        # global stores before those loads (a CTA barrier makes them visible to the block).
+        tl.debug_barrier()
         for block in range(pid, tl.cdiv(m, BM), programs):
             rows = block * BM + tl.arange(0, BM)
             row_offsets = rows[:, None].to(tl.int64) * s_wm
@@ -114,6 +117,7 @@ def _power_iteration_rows_kernel(w_ptr, v_ptr, vsq_ptr, n_vsq, t_ptr, tsq_ptr, p
                 tl.store(part_row + cols, s, mask=cols < n)
             tl.store(t_ptr + rows, t, mask=rows < m)
             tsq += t * t
+            tl.debug_barrier()
     tl.store(tsq_ptr + pid, tl.sum(tsq, axis=0))
 
 
@@ -154,7 +158,7 @@ def _small(weight, v, n_iters, outputs) -> None:
     big_m, big_n = triton.next_power_of_2(m), triton.next_power_of_2(n)
     _common.launch(_power_iteration_small_kernel, (1,))(
         weight, v, sigma, u, v_out, m, n, weight.stride(0), weight.stride(1), n_iters,
-        _common.EPS, M=big_m, N=big_n,
+        _common.EPS, M=big_m, N=big_n, num_warps=_ROW_WARPS,
     )  # fmt: skip
 
 
