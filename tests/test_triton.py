@@ -150,10 +150,12 @@ def _spectral_gap_weight(m, n, top=3.0) -> torch.Tensor:
 @pytest.fixture(params=["small", "rows-whole", "rows-tiled"])
 def power_path(request, monkeypatch):
     """Force each power-iteration path: one program, row blocks in registers, tiled rows."""
-    if request.param != "small":
+    if request.param != "small":  # tiny tiles: several row blocks per program, several programs
         monkeypatch.setattr(power_iteration_module, "SMALL_WEIGHT", 0)
-    if request.param == "rows-tiled":
+        monkeypatch.setattr(power_iteration_module, "ROW_TILE", 128)
+    if request.param == "rows-tiled":  # and several column tiles per row
         monkeypatch.setattr(power_iteration_module, "ROW_TILE", 32)
+        monkeypatch.setattr(power_iteration_module, "_COL_BLOCK", 8)
     return request.param
 
 
@@ -187,6 +189,7 @@ def test_power_iteration_strided_and_half_weight(power_path):
     )
 
 
+@pytest.mark.parametrize("power_path", ["small", "rows-whole"], indirect=True)
 def test_power_iteration_converges_to_svd(power_path):
     w = _spectral_gap_weight(30, 18)
     exact = float(torch.linalg.matrix_norm(w, ord=2))

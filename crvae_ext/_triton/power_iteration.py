@@ -168,7 +168,7 @@ def _large(weight, v, n_iters, outputs) -> None:
     acc, device = u.dtype, u.device
     whole_row = triton.next_power_of_2(n) <= ROW_TILE
     bn = triton.next_power_of_2(n) if whole_row else _COL_BLOCK
-    bm = max(1, ROW_TILE // bn) if whole_row else max(1, ROW_TILE // (4 * bn))
+    bm = max(1, ROW_TILE // bn)
     programs = min(PROGRAMS_PER_SM * _common.persistent_programs(device), triton.cdiv(m, bm))
     n_ssq = triton.cdiv(n, _REDUCE_BLOCK)
     t = torch.empty(m, dtype=acc, device=device)
