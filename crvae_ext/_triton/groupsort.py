@@ -26,7 +26,7 @@ from . import _common
 
 NETWORK_SIZES = (2, 4, 8)
 BLOCKED_INNER = 256  # inner sizes from which programs take blocks of one row group's positions
-_TILE = 1024  # elements per program in the network paths
+_TILE = 2048  # elements per program (a power of two)
 _RANK_CHUNK = 128  # group members ranked at once in the rank path
 
 
@@ -173,29 +173,42 @@ def _tile_offsets(n_rows, groups_per_row, inner, s_outer, s_chan, s_inner, B: tl
 def _groupsort_network_kernel(x_ptr, grad_ptr, out_ptr, n_rows, groups_per_row, inner, s_outer,
                               s_chan, s_inner, B: tl.constexpr, G: tl.constexpr,
                               BLOCKED: tl.constexpr, CONTIGUOUS: tl.constexpr,
-                              BACKWARD: tl.constexpr):  # fmt: skip
+                              FLAT: tl.constexpr, BACKWARD: tl.constexpr):  # fmt: skip
     """Sorting-network path (G in 2, 4, 8): forward writes the sorted groups to ``out``;
     backward writes grad_x to ``out``, routing grad[k] to the member sorted into place k."""
     in_base, in_cs, out_base, out_cs, rows = _tile_offsets(
         n_rows, groups_per_row, inner, s_outer, s_chan, s_inner, B, G, BLOCKED, CONTIGUOUS
     )
     cols = tl.arange(0, G)
-    mask = rows[:, None] & (cols[None, :] < G)
-    out_offsets = out_base[:, None] + cols[None, :] * out_cs
-    tile = tl.load(x_ptr + in_base[:, None] + cols[None, :] * in_cs, mask=mask)
+    if FLAT:  # contiguous groups along the last dim: one contiguous span, vectorised I/O
+        span = tl.program_id(0).to(tl.int64) * (B * G) + tl.arange(0, B * G)
+        span_mask = span < n_rows * G
+        tile = tl.reshape(tl.load(x_ptr + span, mask=span_mask), (B, G))
+    else:
+        mask = rows[:, None] & (cols[None, :] < G)
+        out_offsets = out_base[:, None] + cols[None, :] * out_cs
+        tile = tl.load(x_ptr + in_base[:, None] + cols[None, :] * in_cs, mask=mask)
     values, index = _network(tile, B, G)
     if not BACKWARD:
-        tl.store(out_ptr + out_offsets, values, mask=mask)
+        result = values
     else:
-        grad = tl.load(grad_ptr + out_offsets, mask=mask)
+        if FLAT:
+            grad = tl.reshape(tl.load(grad_ptr + span, mask=span_mask), (B, G))
+        else:
+            grad = tl.load(grad_ptr + out_offsets, mask=mask)
         if G == 2:
             g0, g1 = tl.split(grad)
             first, _ = tl.split(index)
             swap = first == 1
-            tl.store(out_ptr + out_offsets, tl.join(tl.where(swap, g1, g0), tl.where(swap, g0, g1)),
-                     mask=mask)  # fmt: skip
+            result = tl.join(tl.where(swap, g1, g0), tl.where(swap, g0, g1))
+        else:  # scatter: grad at sorted place k to the member's own place
+            scatter_mask = rows[:, None] & (cols[None, :] < G)
+            tl.store(out_ptr + out_base[:, None] + index * out_cs, grad, mask=scatter_mask)
+    if not BACKWARD or G == 2:
+        if FLAT:
+            tl.store(out_ptr + span, tl.reshape(result, (B * G,)), mask=span_mask)
         else:
-            tl.store(out_ptr + out_base[:, None] + index * out_cs, grad, mask=mask)
+            tl.store(out_ptr + out_offsets, result, mask=mask)
 
 
 @triton.jit
@@ -250,7 +263,10 @@ def _launch(x: torch.Tensor, grad: torch.Tensor | None, group_size: int, dim: in
             stride[dim], s_inner)  # fmt: skip
     flags = {"BLOCKED": blocked, "CONTIGUOUS": x.is_contiguous(), "BACKWARD": grad is not None}
     if network:
-        _common.launch(_groupsort_network_kernel, grid)(*args, B=block, G=group_size, **flags)
+        flat = flags["CONTIGUOUS"] and not blocked and n_inner == 1
+        _common.launch(_groupsort_network_kernel, grid)(
+            *args, B=block, G=group_size, FLAT=flat, **flags
+        )
     else:
         _common.launch(_groupsort_rank_kernel, grid)(*args, B=block, G=group_size, J=width, **flags)
     return out
