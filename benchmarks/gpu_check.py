@@ -302,33 +302,38 @@ def bench_liplinear(env: dict, quick: bool, tiny: bool) -> list[dict]:
     batch, width = (8, 32) if tiny else (256, 1024)
     kinds = ["linear", "liplinear_triton_cublas", "liplinear_triton_triton",
              "liplinear_torch", "torch_spectral_norm"]  # fmt: skip
+    if device == "cuda" and not quick:  # torch.compile'd layers, each against compiled nn.Linear
+        kinds += ["linear_compiled", "liplinear_triton_cublas_compiled"]
     rows = []
     default_gemm = module.GEMM
     for dtype in [torch.float32, torch.bfloat16] if device == "cuda" else [torch.float32]:
         x = torch.randn(batch, width, device=device, dtype=dtype)
         times = {}
         for kind in kinds:
+            base = kind.removesuffix("_compiled")
             torch.manual_seed(0)
             module.GEMM = (
-                kind.rsplit("_", 1)[1] if kind.startswith("liplinear_triton") else "cublas"
+                base.rsplit("_", 1)[1] if base.startswith("liplinear_triton") else "cublas"
             )
             try:
-                layer = _train_layer(kind, width, device, dtype)
+                layer = _train_layer(base, width, device, dtype)
+                model = torch.compile(layer) if kind != base else layer
                 opt = torch.optim.SGD(layer.parameters(), lr=1e-3)
 
-                def step(layer=layer, opt=opt) -> None:
+                def step(model=model, opt=opt) -> None:
                     opt.zero_grad(set_to_none=True)
-                    layer(x).sum().backward()
+                    model(x).sum().backward()
                     opt.step()
 
                 times[kind] = _bench(step, device)
             finally:
                 module.GEMM = default_gemm
         for kind, ms in times.items():
+            baseline = "linear_compiled" if kind.endswith("_compiled") else "linear"
             rows.append({
                 "kind": kind, "batch": batch, "width": width,
                 "dtype": str(dtype).removeprefix("torch."), "ms": ms,
-                "vs_linear": ms / times["linear"],
+                "vs_linear": ms / times[baseline],
             })  # fmt: skip
     rows += _bench_lip_linear_variants(env, tiny)
     return rows
