@@ -174,7 +174,8 @@ def _matmul(a, b, out, scale, *, bias=None, rank1=None, inv_k=1.0) -> torch.Tens
     (m, k), n = a.shape, b.shape[1]
     dots, u, v = rank1 if rank1 is not None else (scale, scale, scale)
     fp32 = a.dtype == torch.float32
-    precision = "tf32" if fp32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    # IEEE fp32 unless torch allows TF32; half inputs keep Triton's default (it has no effect).
+    precision = "ieee" if fp32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
     args = (a, b, out, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), scale,
             bias if bias is not None else scale, dots, dots.numel(), u, v, inv_k)  # fmt: skip
     flags = {"HAS_BIAS": bias is not None, "RANK1": rank1 is not None, "PRECISION": precision,
