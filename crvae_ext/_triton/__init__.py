@@ -5,10 +5,15 @@ through Triton's interpreter when TRITON_INTERPRET=1 was set before triton's imp
 otherwise handed to the best CPU backend, so one op works on every device.
 """
 
-from ._common import unusable_reason
-from .groupsort import groupsort, groupsort_backward
-from .lip_linear import lip_linear, lip_linear_backward
-from .power_iteration import power_iteration
+try:
+    from ._common import unusable_reason
+    from .groupsort import groupsort, groupsort_backward
+    from .lip_linear import lip_linear, lip_linear_backward
+    from .power_iteration import power_iteration
+except ImportError:
+    raise
+except Exception as exc:  # a broken triton install: reported by _backend as a reason
+    raise ImportError(f"triton failed to initialise: {exc!r}") from exc
 
 __all__ = [
     "groupsort",
