@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -120,6 +121,15 @@ def sweep_radii(lipschitz, results: list[Evaluation], settings, path: Path) -> P
     )
     margins = [float(r.margin.median()) if r.margin is not None else float("nan") for r in results]
     ax.plot(lipschitz, margins, marker="x", ls="--", label="empirical margin (median)")
+    if not any(math.isfinite(value) for value in margins):
+        ax.text(
+            0.02,
+            0.02,
+            "empirical margins: inf for every L (no attack inside the pixel box\n"
+            "drove P(|Delta| <= r) below p)",
+            transform=ax.transAxes,
+            fontsize=7,
+        )
     ax.set_yscale("log")
     ax.set_xlabel("L")
     ax.set_ylabel("radius (l2, pixels in [0, 1])")
