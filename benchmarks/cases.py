@@ -1,0 +1,219 @@
+"""Benchmark cases, one group per comparison, shared by pytest-benchmark files and ``compare``.
+
+Every case name is the op's name (``liplinear_spectral[cpp]``, ``groupsort[triton]``, ...);
+each group names its baseline (nn.Linear, ReLU, two torch matvecs, the standard VAE, the peer
+attack). Layer cases time the way a hidden layer trains: x requires grad (3 GEMMs per step).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+import crvae_ext
+import crvae_ext.functional as F
+from crvae_ext import LipLinear, LipschitzVAE, StandardVAE, certify, reference
+from crvae_ext.attacks import max_damage
+
+Case = Callable[[], object]
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass
+class Group:
+    """Cases compared side by side against ``baseline``, with optional memory/bandwidth data."""
+
+    title: str
+    baseline: str
+    cases: dict[str, Case]
+    forwards: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
+    bytes_moved: dict[str, int] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+    rounds: int = 20
+
+
+def _layer(kind: str, width: int, device, dtype) -> nn.Module | None:
+    big_cpu = torch.device(device).type == "cpu" and width > 1024
+    if kind == "linear":
+        return nn.Linear(width, width, device=device, dtype=dtype)
+    if kind == "torch_spectral_norm":
+        return spectral_norm(nn.Linear(width, width, device=device, dtype=dtype))
+    if kind == "liplinear_bjorck":
+        if big_cpu:  # 20 Björck GEMMs on the weight per step: minutes at this size on a CPU
+            return None
+        return LipLinear(width, width, method="bjorck", device=device, dtype=dtype)
+    if kind == "deel_spectral_linear":
+        if big_cpu or importlib.util.find_spec("deel") is None:
+            return None
+        from deel.torchlip import SpectralLinear
+
+        return SpectralLinear(width, width).to(device, dtype)
+    backend = kind[len("liplinear_spectral[") : -1]
+    return LipLinear(width, width, backend=backend, device=device, dtype=dtype)
+
+
+def bench_backends(device) -> list[str]:
+    """Backends worth timing on ``device``: Triton's CPU interpreter is a test tool, not one."""
+    device = torch.device(device)
+    return [b for b in crvae_ext.backends(device) if not (b == "triton" and device.type == "cpu")]
+
+
+def layer_kinds(device) -> list[str]:
+    """nn.Linear, LipLinear per usable backend and method, and the peers."""
+    spectral = [f"liplinear_spectral[{b}]" for b in bench_backends(device)]
+    return ["linear", *spectral, "torch_spectral_norm", "liplinear_bjorck", "deel_spectral_linear"]
+
+
+def liplinear_groups(
+    batch: int, width: int, device, dtype=torch.float32, phases=("train", "forward", "backward")
+) -> list[Group]:
+    """Forward, backward and train step (fwd + bwd + SGD) of each layer kind."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, width, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(batch, width, device=device, dtype=dtype)
+    layers = {k: m for k in layer_kinds(device) if (m := _layer(k, width, device, dtype))}
+    label = f"B={batch} {width}x{width} {DTYPE_NAMES[dtype]}"
+    groups = []
+    for phase in phases:
+        cases, forwards = {}, {}
+        for name, layer in layers.items():
+            forwards[name] = lambda layer=layer: layer(x)
+            if phase == "forward":
+                cases[name] = forwards[name]
+            elif phase == "backward":
+                out = layer(x)
+                cases[name] = lambda out=out: out.backward(grad, retain_graph=True)
+            else:
+                opt = torch.optim.SGD(layer.parameters(), lr=1e-6)
+
+                def step(layer=layer, opt=opt) -> None:
+                    opt.zero_grad(set_to_none=True)
+                    layer(x).backward(grad)
+                    opt.step()
+
+                cases[name] = step
+        groups.append(Group(f"liplinear {phase} {label}", "linear", cases, forwards))
+    return groups
+
+
+def groupsort_group(rows: int, cols: int, device, dtype=torch.float32, group_size=2) -> Group:
+    """GroupSort fwd + bwd per backend vs the torch.sort way vs ReLU (same bytes as ReLU)."""
+    torch.manual_seed(0)
+    x = torch.randn(rows, cols, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn_like(x)
+
+    forwards = {
+        "relu": lambda: torch.relu(x),
+        "torch_sort": lambda: x.unflatten(1, (-1, group_size)).sort(dim=2).values.flatten(1),
+    }
+    for b in bench_backends(device):
+        forwards[f"groupsort[{b}]"] = lambda b=b: F.groupsort(x, group_size, 1, backend=b)
+    cases = {name: (lambda f=f: f().backward(grad)) for name, f in forwards.items()}
+    moved = 5 * x.numel() * x.element_size()  # fwd: read x, write y; bwd: read g and x, write
+    title = f"groupsort fwd+bwd {rows}x{cols} G={group_size} {DTYPE_NAMES[dtype]}"
+    return Group(title, "relu", cases, forwards, dict.fromkeys(cases, moved))
+
+
+def power_iteration_group(n: int, device, dtype=torch.float32, n_iters: int = 1) -> Group:
+    """One power-iteration step per backend vs two plain torch matvecs (the reference)."""
+    torch.manual_seed(0)
+    w = torch.randn(n, n, device=device, dtype=dtype)
+    v = torch.randn(n, device=device, dtype=torch.float32)
+    cases: dict[str, Case] = {"torch_matvec": lambda: reference.power_iteration(w, v, n_iters)}
+    for b in bench_backends(device):
+        cases[f"power_iteration[{b}]"] = lambda b=b: F.power_iteration(w, v, n_iters, backend=b)
+    moved = n_iters * w.numel() * w.element_size()  # the ideal: one read of W per step
+    title = f"power_iteration {n}x{n} {DTYPE_NAMES[dtype]} ({n_iters} step)"
+    return Group(title, "torch_matvec", cases, {}, dict.fromkeys(cases, moved))
+
+
+def vae_step_group(batch: int, device, hidden=(512, 512), latent: int = 10) -> Group:
+    """One Adam step of the paper's VAE: LipLinear + GroupSort per backend vs nn.Linear + ReLU."""
+    torch.manual_seed(0)
+    x = torch.rand(batch, 784, device=device)
+    models = {"standard_vae": StandardVAE(784, latent, hidden)}
+    for b in bench_backends(device):
+        models[f"lipschitz_vae[{b}]"] = LipschitzVAE(784, latent, hidden, 7.0, 7.0, 0.7, backend=b)
+    cases, forwards = {}, {}
+    for name, model in models.items():
+        model.to(device).train()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        forwards[name] = lambda model=model: -model.elbo(x).mean()
+
+        def step(model=model, opt=opt) -> None:
+            opt.zero_grad(set_to_none=True)
+            (-model.elbo(x).mean()).backward()
+            opt.step()
+
+        cases[name] = step
+    title = f"vae_step Adam B={batch} 784-{'-'.join(map(str, hidden))}-{latent} fp32"
+    return Group(title, "standard_vae", cases, forwards)
+
+
+@functools.cache
+def _trained_vae() -> LipschitzVAE:
+    """The demo's Lipschitz VAE after 3 epochs on the bundled MNIST (cached per process)."""
+    from crvae_ext.data import dataset
+    from crvae_ext.train import TrainConfig, train
+
+    torch.manual_seed(0)
+    vae = LipschitzVAE(784, 10, lipschitz_decoder=7.0, lipschitz_mean=7.0, lipschitz_std=0.7)
+    train(vae, dataset("mnist"), TrainConfig(epochs=3, lr=1e-3, progress=False), device="cpu")
+    return vae.eval()
+
+
+def _mnist(n: int) -> torch.Tensor:
+    from crvae_ext.data import dataset
+
+    return dataset("mnist", "test").images[:n]
+
+
+def certify_group(n: int, device) -> Group:
+    """certify() on n inputs vs one encoder pass over them (its unavoidable part)."""
+    vae = _trained_vae().to(device)
+    x = _mnist(n).to(device)
+
+    def encode() -> None:
+        with torch.no_grad():
+            vae.encode(x)
+
+    cases = {"encode": encode, "certify": lambda: certify(vae, x, 8.0, 0.5)}
+    return Group(f"certify {n} inputs (784-512-512-10)", "encode", cases, rounds=5)
+
+
+def attack_group(n: int, radius: float, device, steps: int = 50) -> Group:
+    """Batched PGD max-damage (ours) vs a per-image scipy L-BFGS-B loop like the paper's."""
+    from .peer_attack import lbfgsb_max_damage
+
+    vae = _trained_vae()
+    x = _mnist(n)
+    cases = {
+        "lbfgsb_per_image": lambda: lbfgsb_max_damage(vae.cpu(), x, radius, max_iter=steps),
+        "max_damage_batched": lambda: max_damage(vae.to(device), x.to(device), radius, steps=steps),
+    }
+    title = f"attack |d|<={radius:g}, {n} images, {steps} iterations (time per batch)"
+    return Group(title, "lbfgsb_per_image", cases, rounds=3)
+
+
+def attack_strength(n: int, radius: float, device, steps: int = 50) -> dict[str, float]:
+    """Mean damage each attack reaches on the same images, judged by one common estimator."""
+    from crvae_ext.attacks import expected_damage
+
+    from .peer_attack import lbfgsb_max_damage
+
+    vae = _trained_vae().cpu()
+    x = _mnist(n)
+    torch.manual_seed(1)
+    deltas = {
+        "lbfgsb_per_image": lbfgsb_max_damage(vae, x, radius, max_iter=steps)[0],
+        "max_damage_batched": max_damage(vae, x, radius, steps=steps).delta,
+    }
+    torch.manual_seed(2)
+    with torch.no_grad():
+        return {k: float(expected_damage(vae, x, d, 512).mean()) for k, d in deltas.items()}

@@ -1,0 +1,133 @@
+"""``python -m benchmarks.compare``: one markdown table of ratios measured side by side.
+
+Quick set by default (minutes on a 2-core CPU); ``--full`` runs batch {32, 256, 4096} x width
+{256, 1024, 4096} and bf16 on a GPU. ``--json`` writes the raw numbers, ``--out`` the markdown.
+The table closes with every performance target of the issues, met or missed, with the number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from . import cases as C
+from .harness import measure, peak_bytes, saved_activation_bytes
+
+
+def _environment(device: torch.device) -> dict[str, str]:
+    env = {"torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:
+        env["triton"] = "not importable"
+    if device.type == "cuda":
+        env["device"] = torch.cuda.get_device_name(device)
+    else:
+        env["device"] = f"CPU ({platform.processor() or platform.machine()}, "
+        env["device"] += f"{torch.get_num_threads()} threads)"
+    import crvae_ext
+
+    env["crvae_ext"] = crvae_ext.__version__
+    env["backends"] = ", ".join(crvae_ext.backends(device))
+    return env
+
+
+def groups(device: torch.device, full: bool) -> list[C.Group]:
+    """The quick or full set of groups for ``device``."""
+    cuda = device.type == "cuda"
+    dtypes = [torch.float32, torch.bfloat16] if cuda and full else [torch.float32]
+    shapes = [(b, w) for b in (32, 256, 4096) for w in (256, 1024, 4096)] if full else [(256, 1024)]
+    out: list[C.Group] = []
+    for dtype in dtypes:
+        for batch, width in shapes:
+            phases = ("train", "forward", "backward") if full or width == 1024 else ("train",)
+            out += C.liplinear_groups(batch, width, device, dtype, phases)
+        gs_shapes = [(256, 1024), (1024, 4096)] + ([(4096, 4096)] if cuda else [])
+        out += [C.groupsort_group(r, c, device, dtype) for r, c in gs_shapes]
+        out += [C.power_iteration_group(n, device, dtype) for n in (1024, 4096)]
+    out.append(C.vae_step_group(128, device))
+    out.append(C.certify_group(1000, device))
+    out.append(C.attack_group(8 if full else 4, 1.0, device))
+    return out
+
+
+def run_group(group: C.Group, device: torch.device, rounds: int | None) -> list[dict]:
+    """Measure one group; one row per case with its ratio to the group's baseline."""
+    results = measure(group.cases, device, rounds=rounds or group.rounds)
+    base = results[group.baseline].median_s
+    rows = []
+    for name, m in results.items():
+        saved = saved_activation_bytes(group.forwards[name]) if name in group.forwards else None
+        moved = group.bytes_moved.get(name)
+        rows.append({
+            "group": group.title, "case": name, "baseline": group.baseline,
+            **asdict(m), "ratio": m.median_s / base, "saved_bytes": saved,
+            "peak_bytes": peak_bytes(group.cases[name], device),
+            "gbps": moved / m.median_s / 1e9 if moved else None, "note": group.notes.get(name),
+        })  # fmt: skip
+    return rows
+
+
+def _mb(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f}"
+
+
+def markdown(rows: list[dict], env: dict[str, str]) -> str:
+    """The report: environment line, then one table, ratios to each group's baseline."""
+    head = "| group | case | median | ratio to baseline | saved for bwd (MiB) | peak (MiB) | GB/s |"
+    lines = [
+        f"Measured on {env['device']}; torch {env['torch']}, triton {env['triton']}, "
+        f"crvae_ext {env['crvae_ext']} (backends: {env['backends']}); all cases of a group "
+        "interleaved in one run, medians.",
+        "",
+        head,
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ms = r["median_s"] * 1e3
+        time_text = f"{ms:.3f} ms" if ms < 1000 else f"{ms / 1e3:.2f} s"
+        ratio = f"**{r['ratio']:.3f}x**" if r["case"] != r["baseline"] else "1 (baseline)"
+        gbps = "-" if r["gbps"] is None else f"{r['gbps']:.1f}"
+        lines.append(f"| {r['group']} | {r['case']} | {time_text} | {ratio} | "
+                     f"{_mb(r['saved_bytes'])} | {_mb(r['peak_bytes'])} | {gbps} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__)
+    parser.add_argument("--full", action="store_true", help="every shape (and bf16 on a GPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--only", nargs="*", help="run groups whose title starts with these")
+    parser.add_argument("--rounds", type=int, help="override every group's number of rounds")
+    parser.add_argument("--json", type=Path, help="write the raw numbers here")
+    parser.add_argument("--out", type=Path, help="write the markdown table here")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    env = _environment(device)
+    rows: list[dict] = []
+    for group in groups(device, args.full):
+        if args.only and not any(group.title.startswith(p) for p in args.only):
+            continue
+        print(f"measuring {group.title} ...", file=sys.stderr, flush=True)
+        rows += run_group(group, device, args.rounds)
+    text = markdown(rows, env)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
