@@ -68,6 +68,8 @@ def resolve(backend: str | None, device: torch.device) -> str:
     A forced backend that cannot run on ``device`` is an error, never a silent fallback.
     """
     name = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
+    if backend is None and name != "auto" and name not in BACKENDS:
+        raise ValueError(f"${ENV_VAR} must be 'auto' or one of {BACKENDS}, got {name!r}")
     if name == "auto":
         for candidate in _PREFERENCE.get(device.type, ("torch",)):
             if unusable_reason(candidate, device.type) is None:

@@ -61,10 +61,16 @@ def project(x: torch.Tensor, delta: torch.Tensor, radius: torch.Tensor, box: Box
     return torch.where(norm > radius, delta * shrink, delta)
 
 
-def _flat_input(vae: Any, x: torch.Tensor) -> torch.Tensor:
-    _checks.float_tensor("x", x)
+def _flat_input(vae: Any, x: torch.Tensor, box: Box = None, name: str = "x") -> torch.Tensor:
+    _checks.float_tensor(name, x)
     if not callable(getattr(vae, "encode", None)) or not callable(getattr(vae, "decode", None)):
         raise TypeError(f"cannot attack {type(vae).__name__}: it needs encode() and decode()")
+    if box is not None:
+        low, high = box
+        if not low < high:
+            raise ValueError(f"box must be (low, high) with low < high, got {box}")
+        if bool((x < low).any() or (x > high).any()):
+            raise ValueError(f"{name} lies outside the box {box}: rescale it, or pass box=None")
     return x.flatten(1) if x.dim() > 2 else x
 
 
@@ -128,7 +134,7 @@ def max_damage(
     The objective averages ``samples`` draws of the sampling noise per step; ``objective`` in the
     result is the damage each returned perturbation reached.
     """
-    flat = _flat_input(vae, x)
+    flat = _flat_input(vae, x, box)
     steps = _checks.integer("steps", steps, 1)
     restarts = _checks.integer("restarts", restarts, 1)
     samples = _checks.integer("samples", samples, 1)
@@ -164,8 +170,8 @@ def latent_space(
     step_size: float | None = None,
 ) -> AttackResult:
     """Minimise KL(q(z | x + d) || q(z | x_target)) over |d|_2 <= radius, x + d in the box."""
-    flat = _flat_input(vae, x)
-    target = _flat_input(vae, x_target)
+    flat = _flat_input(vae, x, box)
+    target = _flat_input(vae, x_target, name="x_target")
     if target.shape != flat.shape:
         raise ValueError(f"x_target must have x's shape {tuple(x.shape)}")
     steps = _checks.integer("steps", steps, 1)
@@ -203,7 +209,7 @@ def empirical_margin(
     clean input already fails; inf if even ``max_radius`` does not). A sound certificate is never
     above it, up to Monte-Carlo noise.
     """
-    flat = _flat_input(vae, x)
+    flat = _flat_input(vae, x, box)
     r = _checks.positive_finite("r", r)
     if not 0 < p < 1:
         raise ValueError(f"p must lie in (0, 1), got {p}")
@@ -211,7 +217,9 @@ def empirical_margin(
         span = 1.0 if box is None else box[1] - box[0]
         max_radius = span * math.sqrt(flat.shape[1])
     max_radius = _checks.positive_finite("max_radius", max_radius)
-    min_radius = _checks.positive_finite("min_radius", min_radius or 1e-3 * max_radius)
+    if min_radius is None:
+        min_radius = 1e-3 * max_radius
+    min_radius = _checks.positive_finite("min_radius", min_radius)
     if min_radius >= max_radius:
         raise ValueError("min_radius must be below max_radius")
 
@@ -231,6 +239,7 @@ def empirical_margin(
         hi, p_hi = torch.where(broken, mid, hi), torch.where(broken, prob, p_hi)
         lo = torch.where(broken, lo, mid)
     clean = clean.to(flat.device, torch.float64)
-    margin = torch.where(at_max < p, hi, math.inf)
+    broke = (at_max < p) | (hi < max_radius)  # hi only ever moves to a radius that broke
+    margin = torch.where(broke, hi, math.inf)
     margin = torch.where(clean < p, 0.0, margin)
     return MarginResult(margin, torch.where(clean < p, clean, p_hi))

@@ -45,13 +45,13 @@ def lipschitz_bound(module: nn.Module) -> float:
     """A sound upper bound on the l2 Lipschitz constant of ``module`` (eval-mode forward).
 
     Compositions (nn.Sequential) multiply their parts' bounds. Modules of this package, and any
-    module with a ``lipschitz_bound()`` method, bound themselves. Unknown modules are an error.
+    module with a ``lipschitz_bound()`` method, bound themselves. Registered bounds apply to
+    their exact class only (a subclass may override ``forward``). Unknown modules are an error.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-    for cls in type(module).__mro__:
-        if cls in _BOUNDS:
-            return _BOUNDS[cls](module)
+    if type(module) in _BOUNDS:
+        return _BOUNDS[type(module)](module)
     own = getattr(module, "lipschitz_bound", None)
     if callable(own):
         return float(own())

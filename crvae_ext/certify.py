@@ -28,6 +28,7 @@ __all__ = [
     "certify",
     "design",
     "robustness_probability",
+    "sigma_cap",
 ]
 
 
@@ -62,6 +63,24 @@ def _model_constants(model: Any) -> LipschitzConstants:
     return LipschitzConstants(*model.lipschitz_constants())
 
 
+def sigma_cap(model: Any) -> float:
+    """The cap S on |sigma(x)|_2 a model enforces: its std head's l2-ball projection radius."""
+    from .modules import L2BallProjection
+
+    std_net = getattr(model, "std_net", None)
+    caps = (
+        [m.radius for m in std_net.modules() if isinstance(m, L2BallProjection)]
+        if isinstance(std_net, torch.nn.Module)
+        else []
+    )
+    if not caps or not isinstance(std_net[-1], L2BallProjection):
+        raise TypeError(
+            f"a-priori certificates need a std head that ends in an L2BallProjection "
+            f"(a LipschitzVAE); {type(model).__name__} caps no |sigma|_2"
+        )
+    return std_net[-1].radius
+
+
 def a_priori_radius(
     model_or_constants: Any,
     r: float,
@@ -73,19 +92,24 @@ def a_priori_radius(
 ) -> float:
     """A radius valid for EVERY input, from (a, b, c) and the sigma cap S (s = s_inf = S).
 
-    Takes a model (constants, ``sigma_max`` and ``latent_dim`` read from it) or an (a, b, c)
-    triple with ``sigma_max`` and ``latent_dim`` given.
+    Takes a model (its constants from the weights, S from its std head's projection, m from
+    its latent size; no overrides) or an (a, b, c) triple with ``sigma_max`` and ``latent_dim``.
     """
     if isinstance(model_or_constants, (tuple, list)):
         if len(model_or_constants) != 3:
             raise ValueError("constants must be an (a, b, c) triple")
         constants = LipschitzConstants(*model_or_constants)
+        if sigma_max is None or latent_dim is None:
+            raise ValueError("sigma_max and latent_dim are needed with bare constants")
     else:
+        if sigma_max is not None or latent_dim is not None:
+            raise ValueError(
+                "sigma_max and latent_dim are read from the model; pass bare (a, b, c) "
+                "constants to choose them"
+            )
+        cap = sigma_cap(model_or_constants)
         constants = _model_constants(model_or_constants)
-        sigma_max = model_or_constants.sigma_max if sigma_max is None else sigma_max
-        latent_dim = model_or_constants.latent_dim if latent_dim is None else latent_dim
-    if sigma_max is None or latent_dim is None:
-        raise ValueError("sigma_max and latent_dim are needed with bare constants")
+        sigma_max, latent_dim = cap, model_or_constants.latent_dim
     cap = _checks.positive_finite("sigma_max", sigma_max)
     return float(certified_radius(*constants, cap, cap, r, p, latent_dim, bound))
 
@@ -162,11 +186,13 @@ def certify(
         _, sigma = model.encode(x)
     sigma = sigma.detach().to(torch.float64)
     s, s_inf = sigma.norm(dim=-1), sigma.amax(dim=-1)
-    result = radius.radii(*constants, s, s_inf, r, p, model.latent_dim, bound)
+    result = radius.radii(*constants, s, s_inf, r, p, sigma.shape[-1], bound)
+    names = ("paper-markov", "paper-inglot") if bound == "paper" else ("markov", "chi2")
     if bound in ("markov", "chi2"):
         winner = (bound,) * len(s)
     else:
-        winner = tuple("markov" if w else "chi2" for w in (result.markov >= result.chi2).tolist())
+        wins = (result.markov >= result.chi2).tolist()
+        winner = tuple(names[0] if w else names[1] for w in wins)
     return CertifyResult(
         result.radius,
         result.markov,

@@ -32,9 +32,11 @@ def model_record(model: nn.Module) -> dict[str, Any]:
     if name not in _MODELS:
         raise TypeError(f"cannot checkpoint {name}: one of {sorted(_MODELS)} is needed")
     target = getattr(model, "target", None)
+    dtype = next(model.parameters()).dtype
     return {
         "class": name,
         "config": dict(model.config),
+        "dtype": str(dtype).removeprefix("torch."),
         "budgets": list(getattr(model, "budgets", ()) or ()),
         "target": dataclasses.asdict(target) if target is not None else None,
     }
@@ -45,6 +47,7 @@ def build_model(record: dict[str, Any]) -> nn.Module:
     if record.get("class") not in _MODELS:
         raise ValueError(f"unknown model class in checkpoint: {record.get('class')!r}")
     model = _MODELS[record["class"]](**record["config"])
+    model.to(getattr(torch, record.get("dtype", "float32")))
     if record.get("budgets"):
         model.budgets = LipschitzConstants(*record["budgets"])
     if record.get("target"):
@@ -86,7 +89,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     state = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a crvae_ext checkpoint")
-    model = build_model(state["model"])
+    model = build_model(state["model"]).to(map_location)
     model.load_state_dict(state["state_dict"])
     return Checkpoint(
         model, state["optimizer"], state["epoch"], state["history"], state["train_config"]

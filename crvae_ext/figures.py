@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._context import eval_mode
 from .attacks import max_damage
 from .evaluate import EvalSettings, Evaluation
 
@@ -48,7 +49,7 @@ def reconstructions(
     )
     for m, (name, model) in enumerate(models.items()):
         delta = max_damage(model, x, radius, steps=50).delta
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             images = [
                 x,
                 model.decode(model.encode(x)[0]),

@@ -17,8 +17,10 @@ import torch
 from . import _checks
 
 BOUNDS = ("best", "markov", "chi2", "paper")
-_BISECTION_STEPS = 80
+_BISECTION_STEPS = 100  # on a log scale over [1e-300, 1e300]: ~1e-27 relative resolution
 _TAIL_SLACK = 1e-10  # relative allowance for the rounding of gammaincc: keeps certificates sound
+_ROOT_SLACK = 1e-12  # relative allowance for the rounding of the quadratic root
+_T_MIN, _T_MAX = 1e-300, 1e300
 _PAPER_GRID = 200
 _F64 = torch.float64
 
@@ -31,22 +33,29 @@ class Radii(NamedTuple):
     chi2: torch.Tensor
 
 
-def _quadratic_root(alpha: torch.Tensor, beta: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """Largest t >= 0 with alpha t^2 + 2 beta t <= gamma (alpha, beta >= 0); 0 if gamma <= 0.
+def _quadratic_root(b, c, s_eff, gamma) -> torch.Tensor:
+    """Largest t >= 0 with (b^2 + c^2) t^2 + 2 s_eff c t <= gamma (b, c, s_eff >= 0).
 
-    Written t = gamma / (beta + sqrt(beta^2 + alpha gamma)): no cancellation, alpha = 0 allowed,
-    and +inf when alpha = beta = 0 < gamma.
+    Solved for tau = k t with k = max(b, c), so no square of a tiny constant underflows, as
+    tau = gamma / (s' + sqrt(s'^2 + alpha' gamma)) (no cancellation). 0 where gamma <= 0, +inf
+    where b = c = 0 < gamma; shrunk by a relative 1e-12 (its rounding) and capped at 1e300, so
+    the returned t always satisfies the inequality.
     """
+    k = torch.maximum(b, c)
+    k_safe = torch.where(k > 0, k, torch.ones_like(k))
+    b_hat, c_hat = b / k_safe, c / k_safe
+    lin = s_eff * c_hat
     gamma_pos = gamma.clamp_min(0)
-    denom = beta + torch.sqrt(beta * beta + alpha * gamma_pos)
-    root = torch.where(denom > 0, gamma_pos / denom.clamp_min(torch.finfo(_F64).tiny), math.inf)
+    tau = gamma_pos / (lin + torch.sqrt(lin * lin + (b_hat * b_hat + c_hat * c_hat) * gamma_pos))
+    root = (tau / k_safe * (1 - _ROOT_SLACK)).nan_to_num(posinf=_T_MAX).clamp_max(_T_MAX)
+    root = torch.where(k > 0, root, math.inf)
     return torch.where(gamma > 0, root, torch.zeros_like(root))
 
 
 def markov_radius(a, b, c, s, r, p) -> torch.Tensor:
     """Second-moment bound: a^2 (b^2 t^2 + (s + c t)^2 + s^2) / r^2 <= 1 - p."""
-    q = (1 - p) * (r / a) ** 2
-    return _quadratic_root(b * b + c * c, s * c, q - 2 * s * s)
+    q = ((1 - p) * (r / a) ** 2).clamp_max(_T_MAX)  # overflow would round UP: clamp instead
+    return _quadratic_root(b, c, s, q - 2 * s * s)
 
 
 def _chi2_tail(u: torch.Tensor, m: int) -> torch.Tensor:
@@ -65,25 +74,30 @@ def _chi2_ok(t, a, b, c, s_inf, r, p, m) -> torch.Tensor:
 def chi2_radius(a, b, c, s_inf, r, p, m: int) -> torch.Tensor:
     """Exact chi-square tail bound: the largest t with P(chi2_m > u(t)) <= 1 - p, by bisection.
 
-    u(t) decreases in t, so the certified set is an interval [0, t*]; the bisection only ever
-    returns a point where the condition was checked to hold (0 if it fails at t = 0).
+    u(t) decreases in t, so the certified set is an interval [0, t*]. The bisection runs on a
+    log scale over [1e-300, min(r / (a b), 1e300)] (any magnitude of the constants), and only
+    ever returns a point where the condition was checked to hold; 0 if none was.
     """
     a, b, c, s_inf = torch.broadcast_tensors(a, b, c, s_inf)
     ok0 = _chi2_ok(torch.zeros_like(a), a, b, c, s_inf, r, p, m)
-    hi = torch.where(b > 0, r / (a * b.clamp_min(torch.finfo(_F64).tiny)), torch.ones_like(a))
-    for _ in range(1100):  # grow the bracket where b = 0 (then only d(t) limits t)
-        grow = ok0 & _chi2_ok(hi, a, b, c, s_inf, r, p, m) & torch.isfinite(hi)
-        if not bool(grow.any()):
-            break
-        hi = torch.where(grow, hi * 2, hi)
-    lo = torch.zeros_like(a)
+    unbounded = ok0 & (b == 0) & (c == 0)  # nothing ever grows: every t is certified
+    with torch.no_grad():
+        end = (
+            torch.where(b > 0, r / (a * b), math.inf)
+            .nan_to_num(posinf=_T_MAX)
+            .clamp(_T_MIN, _T_MAX)
+        )
+    lo = torch.full_like(a, _T_MIN)
+    found = _chi2_ok(lo, a, b, c, s_inf, r, p, m)
+    log_lo, log_hi = torch.log(lo), torch.log(end)
     for _ in range(_BISECTION_STEPS):
-        mid = (lo + hi) / 2
+        mid = torch.exp((log_lo + log_hi) / 2)
         ok = _chi2_ok(mid, a, b, c, s_inf, r, p, m)
         lo = torch.where(ok, mid, lo)
-        hi = torch.where(ok, hi, mid)
-    unbounded = ok0 & ~torch.isfinite(hi)
-    return torch.where(ok0, torch.where(unbounded, math.inf, lo), torch.zeros_like(lo))
+        log_lo = torch.where(ok, torch.log(mid), log_lo)
+        log_hi = torch.where(ok, log_hi, torch.log(mid))
+    radius = torch.where(found, lo, torch.zeros_like(lo))
+    return torch.where(unbounded, math.inf, torch.where(ok0, radius, torch.zeros_like(lo)))
 
 
 def _inglot_tail(u: torch.Tensor, m: int) -> torch.Tensor:
@@ -102,11 +116,12 @@ def paper_radius(a, b, c, s, r, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     with d(t) = c t + 2 s, taken on a 200-point grid over [0, r / (a b)].
     """
     a, b, c, s = torch.broadcast_tensors(a, b, c, s)
-    markov = _quadratic_root(b * b + c * c, 2 * s * c, r**2 / (2 * a * a) - 4 * s * s)
+    gamma = (r**2 / (2 * a * a)).clamp_max(_T_MAX) - 4 * s * s
+    markov = _quadratic_root(b, c, 2 * s, gamma)
     if m < 2:
         return markov, torch.zeros_like(markov)
     steps = torch.linspace(0, 1, _PAPER_GRID, dtype=_F64, device=a.device)
-    end = torch.where(b > 0, r / (a * b.clamp_min(torch.finfo(_F64).tiny)), torch.zeros_like(b))
+    end = torch.where(b > 0, r / (a * b), torch.zeros_like(b)).nan_to_num(posinf=_T_MAX)
     t = end.unsqueeze(-1) * steps  # (..., grid)
     a_, b_, c_, s_ = (v.unsqueeze(-1) for v in (a, b, c, s))
     u = ((r / a_ - b_ * t) / (c_ * t + 2 * s_)) ** 2
@@ -160,15 +175,21 @@ def radii(a, b, c, sigma_l2, sigma_inf, r: float, p: float, latent_dim: int, bou
         ) from None
     if (s_inf > s * (1 + 1e-6) + 1e-12).any():
         raise ValueError("sigma_inf (max_i sigma_i) cannot exceed sigma_l2 (|sigma|_2)")
+    if (s_inf < s / math.sqrt(latent_dim) * (1 - 1e-6)).any():
+        raise ValueError(
+            f"sigma_inf must be >= sigma_l2 / sqrt(latent_dim={latent_dim}): the largest of "
+            "m entries is at least their l2 norm over sqrt(m)"
+        )
+    constant = a == 0  # a constant decoder never moves: every radius is certified
+    a_safe = torch.where(constant, torch.ones_like(a), a)
+    inf = lambda t: torch.where(constant, math.inf, t)  # noqa: E731
     if bound == "paper":
         if p != 0.5:
             raise ValueError(f"bound='paper' is the paper's p = 1/2 certificate; got p={p}")
-        markov, grid = paper_radius(a, b, c, s, r, latent_dim)
+        markov, grid = (inf(t) for t in paper_radius(a_safe, b, c, s, r, latent_dim))
         return Radii(torch.maximum(markov, grid), markov, grid)
-    constant = a == 0  # a constant decoder never moves: every radius is certified
-    a_safe = torch.where(constant, torch.ones_like(a), a)
-    markov = torch.where(constant, math.inf, markov_radius(a_safe, b, c, s, r, p))
-    chi2 = torch.where(constant, math.inf, chi2_radius(a_safe, b, c, s_inf, r, p, latent_dim))
+    markov = inf(markov_radius(a_safe, b, c, s, r, p))
+    chi2 = inf(chi2_radius(a_safe, b, c, s_inf, r, p, latent_dim))
     chosen = {"best": torch.maximum(markov, chi2), "markov": markov, "chi2": chi2}[bound]
     return Radii(chosen, markov, chi2)
 

@@ -59,9 +59,16 @@ def power_iteration(
 def lip_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor
 ) -> torch.Tensor:
-    """y = scale * (x W^T) + b for a 2-D ``x``, without forming the scaled weight."""
-    out = torch.mm(x, weight.t()).mul_(scale.to(x.dtype))
-    return out if bias is None else out.add_(bias)
+    """y = scale * (x W^T) + b for a 2-D ``x``, without forming the scaled weight.
+
+    The scale (fp32, or fp64) is applied in its own precision, never rounded to fp16/bf16:
+    the Lipschitz bound is computed with exactly that factor.
+    """
+    acc = _accumulate_dtype(x.dtype)
+    out = torch.mm(x, weight.t()).to(acc).mul_(scale.to(acc))
+    if bias is not None:
+        out = out.add_(bias.to(acc))
+    return out.to(x.dtype)
 
 
 def lip_linear_backward(
@@ -83,11 +90,11 @@ def lip_linear_backward(
     """
     need_x, need_w, need_b = needs
     grad_bias = grad.sum(0) if bias is not None and (need_b or need_w) else None
-    g = grad * scale.to(grad.dtype)
+    acc = _accumulate_dtype(grad.dtype)
+    g = (grad.to(acc) * scale.to(acc)).to(grad.dtype)
     grad_x = torch.mm(g, weight) if need_x else None
     grad_w = None
     if need_w:
-        acc = u.dtype
         inner = torch.vdot(grad.reshape(-1).to(acc), out.reshape(-1).to(acc))
         if bias is not None:
             inner = inner - torch.dot(grad_bias.to(acc), bias.to(acc))

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from . import _checks
+from ._context import eval_mode
 from .checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -98,11 +99,13 @@ def train(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", torch.cuda.current_device())
+    was_training = model.training
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     start, history = 0, []
     if resume is not None:
         saved = load_checkpoint(resume, map_location=device)
+        _check_resumable(saved.train_config, config)
         model.load_state_dict(saved.model.state_dict())
         optimizer.load_state_dict(saved.optimizer)
         start, history = saved.epoch, list(saved.history)
@@ -137,8 +140,17 @@ def train(
             save_checkpoint(
                 config.checkpoint, model, optimizer, epoch + 1, history, dataclasses.asdict(config)
             )
-    model.eval()
+    model.train(was_training)
     return history
+
+
+def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
+    """Resuming is only deterministic with the settings the run started with (epochs may grow)."""
+    keep = ("batch_size", "lr", "beta", "seed")
+    changed = [k for k in keep if k in saved and saved[k] != getattr(config, k)]
+    if changed:
+        diffs = ", ".join(f"{k}: {saved[k]} -> {getattr(config, k)}" for k in changed)
+        raise ValueError(f"cannot resume with different settings ({diffs})")
 
 
 def evaluate_elbo(model: nn.Module, data: Dataset, batch_size: int = 500, seed: int = 0) -> float:
@@ -146,15 +158,9 @@ def evaluate_elbo(model: nn.Module, data: Dataset, batch_size: int = 500, seed: 
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    model.eval()
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for x, _ in DataLoader(data, batch_size=batch_size):
             eps = torch.randn(x.shape[0], model.latent_dim, generator=gen).to(device)
             total += float(model.elbo(x.to(device), 1.0, eps).sum())
             count += x.shape[0]
     return total / count
-
-
-def train_config_from(record: dict[str, Any]) -> TrainConfig:
-    """A TrainConfig from a checkpoint's saved dict (unknown keys are an error)."""
-    return TrainConfig(**record)

@@ -21,7 +21,7 @@ from .likelihoods import LIKELIHOODS, gaussian_kl, log_likelihood
 from .modules import GroupSort, L2BallProjection, LipLinear
 
 _SIGMOID_LIP = 0.25
-_RESCALE_SLACK = 1e-9
+_RESCALE_SLACK = 1e-6  # above the float32 rounding of k / sigma_hat
 
 
 class TargetCheck(NamedTuple):
@@ -53,10 +53,14 @@ class VAEBase(nn.Module):
     and ``observation_std``."""
 
     input_dim: int
-    latent_dim: int
     likelihood: str
     observation_std: float
-    sigma_max: float | None = None
+    _latent_dim: int
+
+    @property
+    def latent_dim(self) -> int:
+        """Size m of the latent space (fixed at construction: certificates depend on it)."""
+        return self._latent_dim
 
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
         _checks.float_tensor("x", x)
@@ -141,7 +145,7 @@ class LipschitzVAE(VAEBase):
     ) -> None:
         super().__init__()
         self.input_dim = _checks.integer("input_dim", input_dim, 1)
-        self.latent_dim = _checks.integer("latent_dim", latent_dim, 1)
+        self._latent_dim = _checks.integer("latent_dim", latent_dim, 1)
         hidden = tuple(_checks.integer("hidden", h, 1) for h in hidden)
         budgets = LipschitzConstants(
             _checks.positive_finite("lipschitz_decoder", lipschitz_decoder),
@@ -150,10 +154,11 @@ class LipschitzVAE(VAEBase):
         )
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        group_size = _checks.integer("group_size", group_size, 1)
         for h in hidden:
             if h % group_size:
                 raise ValueError(f"group_size={group_size} must divide every hidden size {hidden}")
-        self.sigma_max = _checks.positive_finite("sigma_max", sigma_max)
+        sigma_max = _checks.positive_finite("sigma_max", sigma_max)
         self.observation_std = _checks.positive_finite("observation_std", observation_std)
         self.likelihood = likelihood
         self.budgets = budgets
@@ -164,11 +169,12 @@ class LipschitzVAE(VAEBase):
             "lipschitz_decoder": budgets.a,
             "lipschitz_mean": budgets.b,
             "lipschitz_std": budgets.c,
-            "sigma_max": self.sigma_max,
+            "sigma_max": sigma_max,
             "likelihood": likelihood,
             "method": method,
             "group_size": group_size,
             "observation_std": self.observation_std,
+            "backend": backend,
         }
         self.target: RobustnessTarget | None = None
         kw = {"group_size": group_size, "method": method, "backend": backend}
@@ -177,7 +183,7 @@ class LipschitzVAE(VAEBase):
         self.std_net = nn.Sequential(
             lipschitz_mlp(enc_sizes, budgets.c / _SIGMOID_LIP, **kw),
             nn.Sigmoid(),
-            L2BallProjection(self.sigma_max),
+            L2BallProjection(sigma_max),
         )
         bernoulli = likelihood != "gaussian"
         dec_budget = budgets.a / _SIGMOID_LIP if bernoulli else budgets.a
@@ -201,7 +207,8 @@ class LipschitzVAE(VAEBase):
         """A VAE whose a-priori certificate meets ``target`` (budgets from ``certify.design``).
 
         Layers are built ``margin`` (relative) below the budgets, so the float32 power-iteration
-        estimate cannot push a fresh model over them; ``enforce_target`` handles later drift.
+        estimate cannot push a fresh model over them; the result is checked (and, if needed,
+        repaired) by ``enforce_target`` before it is returned.
         """
         if not 0 <= margin < 1:
             raise ValueError(f"margin must lie in [0, 1), got {margin}")
@@ -218,7 +225,13 @@ class LipschitzVAE(VAEBase):
         )
         vae.budgets = budgets
         vae.target = target
+        vae.enforce_target()
         return vae
+
+    @property
+    def sigma_max(self) -> float:
+        """S: the radius of the std head's l2-ball projection, the cap on |sigma(x)|_2."""
+        return self.std_net[-1].radius
 
     def verify_target(self) -> TargetCheck:
         """The a-priori radius the weights certify now, and whether it meets the target."""
@@ -236,23 +249,31 @@ class LipschitzVAE(VAEBase):
 
     @torch.no_grad()
     def enforce_target(self) -> TargetCheck:
-        """Make the target provably hold: converge every power iteration, then rescale any
-        network whose exact bound still exceeds its budget (its last layer's k shrinks)."""
-        check = self.verify_target()
-        if check.met:
-            return check
+        """Make the target provably hold: converge every power iteration, then shrink the last
+        layer's k of any network whose exact bound still exceeds its budget, until the check
+        passes. Returns the passing check; the model is left unchanged when it already passes.
+        """
+        try:
+            check = self.verify_target()
+            if check.met:
+                return check
+        except ValueError:  # e.g. a diverged Björck weight: converging repairs it
+            pass
         for module in self.modules():
             if isinstance(module, LipLinear):
                 module.converge_()
-        constants = self.lipschitz_constants()
-        for net, bound, budget in zip(self._networks(), constants, self.budgets, strict=True):
-            if bound > budget:
-                last = [m for m in net.modules() if isinstance(m, LipLinear)][-1]
-                last.lipschitz = last.lipschitz * budget / bound * (1 - _RESCALE_SLACK)
-        check = self.verify_target()
-        if not check.met:
-            raise RuntimeError(f"could not enforce the target: {check}")
-        return check
+        slack = _RESCALE_SLACK
+        for _ in range(8):
+            check = self.verify_target()
+            if check.met:
+                return check
+            pairs = zip(self._networks(), check.constants, self.budgets, strict=True)
+            for net, bound, budget in pairs:
+                if bound > budget * (1 - slack):
+                    last = [m for m in net.modules() if isinstance(m, LipLinear)][-1]
+                    last.lipschitz = last.lipschitz * budget / bound * (1 - slack)
+            slack *= 10
+        raise RuntimeError(f"could not enforce the target: {check}")
 
     def _networks(self) -> tuple[nn.Module, nn.Module, nn.Module]:
         return self.decoder, self.mean_net, self.std_net
@@ -285,7 +306,7 @@ class StandardVAE(VAEBase):
     ) -> None:
         super().__init__()
         self.input_dim = _checks.integer("input_dim", input_dim, 1)
-        self.latent_dim = _checks.integer("latent_dim", latent_dim, 1)
+        self._latent_dim = _checks.integer("latent_dim", latent_dim, 1)
         hidden = tuple(_checks.integer("hidden", h, 1) for h in hidden)
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")

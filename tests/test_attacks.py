@@ -1,5 +1,7 @@
 """Attacks: they find damage, respect the ball and the box, and never beat a sound certificate."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -93,3 +95,31 @@ def test_bad_input(trained):
         latent_space(model, x, x[:2], 1.0)
     with pytest.raises(ValueError, match="min_radius must be below max_radius"):
         empirical_margin(model, x, 1.0, min_radius=5.0, max_radius=1.0)
+    with pytest.raises(ValueError, match="min_radius must be a finite number > 0"):
+        empirical_margin(model, x, 1.0, min_radius=0.0)
+    with pytest.raises(ValueError, match=r"x lies outside the box \(0.0, 1.0\)"):
+        max_damage(model, x * 3 - 1, 1.0)
+    with pytest.raises(ValueError, match="low < high"):
+        max_damage(model, x, 1.0, box=(1.0, 0.0))
+
+
+def test_margin_counts_a_break_below_max_radius(monkeypatch, trained):
+    """Attack strength need not grow with the radius (Monte Carlo, local optima): a radius that
+    broke robustness is a margin even when the largest radius did not."""
+    import crvae_ext.attacks as attacks
+
+    def fake_damage(vae, x, radius, *args, **kwargs):
+        radius = torch.as_tensor(radius, dtype=x.dtype).reshape(-1, 1)
+        return attacks.AttackResult(radius.expand_as(x).clone(), radius.flatten())
+
+    def fake_probability(vae, x, delta, r, n):
+        radius = delta[:, 0]
+        est = torch.where((radius > 1.0) & (radius < 5.0), 0.1, 0.9).double()
+        return SimpleNamespace(estimate=est)
+
+    monkeypatch.setattr(attacks, "max_damage", fake_damage)
+    monkeypatch.setattr(attacks, "robustness_probability", fake_probability)
+    x = trained["x"][:3]
+    result = attacks.empirical_margin(trained["lipschitz"], x, 1.0, max_radius=8.0)
+    assert torch.isfinite(result.margin).all() and (result.margin > 1.0).all()
+    assert (result.margin < 5.0).all() and (result.probability < 0.5).all()

@@ -27,7 +27,7 @@ def test_forced_by_argument_and_environment(monkeypatch):
 
 def test_unknown_backend_is_an_error(monkeypatch):
     monkeypatch.setenv(_backend.ENV_VAR, "fortran")
-    with pytest.raises(ValueError, match="backend must be one of"):
+    with pytest.raises(ValueError, match=r"\$CRVAE_BACKEND must be 'auto' or one of"):
         F.groupsort(torch.randn(2, 4), 2)
 
 

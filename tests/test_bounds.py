@@ -101,3 +101,12 @@ def test_non_finite_weight_is_an_error(bad):
 def test_not_a_module_is_an_error():
     with pytest.raises(TypeError, match=r"module must be an nn.Module"):
         lipschitz_bound(torch.eye(3))
+
+
+def test_subclass_with_its_own_forward_is_not_guessed():
+    class Doubled(nn.Sequential):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    with pytest.raises(TypeError, match="no sound bound is known for Doubled"):
+        lipschitz_bound(Doubled(nn.Linear(3, 3)))

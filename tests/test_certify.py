@@ -11,6 +11,7 @@ from torch import nn
 from crvae_ext import (
     LipschitzVAE,
     RobustnessTarget,
+    StandardVAE,
     a_priori_radius,
     certified_radius,
     certify,
@@ -189,6 +190,13 @@ def test_trained_toy_vae_certificate_holds():
         ),
         (lambda m, x: a_priori_radius((1.0, 2.0), 1.0), ValueError, r"\(a, b, c\) triple"),
         (lambda m, x: a_priori_radius((1.0, 2.0, 3.0), 1.0), ValueError, "sigma_max and"),
+        (lambda m, x: a_priori_radius(m, 1.0, sigma_max=0.01), ValueError, "read from the model"),
+        (lambda m, x: a_priori_radius(m, 1.0, latent_dim=1), ValueError, "read from the model"),
+        (
+            lambda m, x: a_priori_radius(StandardVAE(16, 3, (8,)), 1.0),
+            TypeError,
+            "caps no",
+        ),
         (lambda m, x: design("target", 3, 0.1), TypeError, "RobustnessTarget"),
     ],
 )
@@ -225,3 +233,8 @@ def test_bad_target(kwargs, match):
     args = {"radius": 0.1, "r": 1.0, "p": 0.5, **kwargs}
     with pytest.raises(ValueError, match=match):
         RobustnessTarget(**args)
+
+
+def test_paper_winner_names_its_own_bounds(vae):
+    res = certify(vae, torch.rand(4, 16), r=6.0, p=0.5, bound="paper")
+    assert set(res.winner) <= {"paper-markov", "paper-inglot"}

@@ -87,10 +87,11 @@ def test_module_gradients_match_naive_formula(method):
     got = torch.autograd.grad(out, [x, layer.weight, layer.bias], grad_out)
     w = layer.weight.detach().clone().requires_grad_(True)
     b = layer.bias.detach().clone().requires_grad_(True)
+    _, u, v = layer.normalization()
     if method == "spectral":
-        expected_out = naive_lip_linear(x, w, b, layer.u, layer.v, 2.0)
+        expected_out = naive_lip_linear(x, w, b, u, v, 2.0)
     else:
-        sigma = torch.dot(layer.u, layer.weight.detach() @ layer.v)
+        sigma = torch.dot(u, layer.weight.detach() @ v)
         expected_out = x @ (2.0 * F.bjorck(w / sigma, 20)).t() + b
     assert torch.allclose(out, expected_out, rtol=1e-10, atol=1e-12)
     expected = torch.autograd.grad(expected_out, [x, w, b], grad_out)
@@ -121,8 +122,11 @@ def test_training_advances_buffers_and_eval_does_not():
 
 
 def _eval_expected(layer: LipLinear, x: torch.Tensor) -> torch.Tensor:
+    """The eval output from the current weight: one power-iteration step from the buffer v."""
     w = layer.weight.detach().double()
-    sigma = torch.dot(layer.u.double(), w @ layer.v.double())
+    u = w @ layer.v.double()
+    u = u / u.norm()
+    sigma = (w.t() @ u).norm()
     return (layer.lipschitz * x.double() @ w.t() / sigma + layer.bias.detach().double()).float()
 
 
@@ -215,3 +219,49 @@ def test_batched_input_and_no_bias():
     assert layer(x).shape == (2, 3, 4)
     assert torch.allclose(layer(x), expected, atol=1e-6)
     assert layer.bias is None
+
+
+def test_bf16_applies_the_fp32_scale_unrounded():
+    """k / sigma_hat is applied in fp32 (as the bound assumes), not rounded to bf16 first."""
+    layer = LipLinear(64, 64, bias=False, lipschitz=1.3, dtype=torch.bfloat16).eval()
+    x = torch.randn(256, 64, dtype=torch.bfloat16)
+    scale, _, _ = layer.normalization()
+    exact = x.double() @ layer.weight.double().t() * scale.double()
+    with torch.no_grad():
+        ratio = layer(x).double() / exact
+    keep = exact.abs() > 0.1
+    bias = float(ratio[keep].mean() - 1)
+    assert abs(bias) < 4e-4  # rounding the scale 1.3 to bf16 biases every output by -2.4e-3
+
+
+@pytest.mark.parametrize("method", ["spectral", "bjorck"])
+def test_data_edit_keeps_bound_and_forward_together(method):
+    layer = _gaussian_layer((12, 12), 1.0, method=method).double().converge_().eval()
+    x, y = torch.randn(2, 12, dtype=torch.float64)
+    layer(x)  # fills the eval cache
+    with torch.no_grad():
+        layer.weight.data.mul_(-0.5)  # invisible to version counters
+    bound = layer.lipschitz_bound()
+    assert (layer(x) - layer(y)).norm() <= bound * (x - y).norm() * (1 + 1e-12)
+
+
+def test_eval_after_sign_flip_is_finite_and_bounded():
+    layer = _gaussian_layer((10, 10), 2.0).double().converge_().eval()
+    layer(torch.randn(3, 10, dtype=torch.float64))
+    with torch.no_grad():
+        layer.weight.copy_(-layer.weight)
+    scale, _, _ = layer.normalization()
+    assert 0 < float(scale) < 1e3
+    assert layer.lipschitz_bound() == pytest.approx(2.0, rel=1e-3)
+
+
+def test_zero_weight_does_not_kill_the_power_iteration():
+    layer = _gaussian_layer((8, 8), 1.0)
+    with torch.no_grad():
+        layer.weight.zero_()
+    layer(torch.randn(2, 8))  # sigma = 0: the state must survive
+    assert float(layer.v.norm()) == pytest.approx(1.0)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(8, 8))
+    layer.converge_().eval()
+    assert reference.spectral_norm_exact(layer.effective_weight()) == pytest.approx(1.0, rel=1e-4)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from scipy import optimize
 from scipy.stats import chi2
@@ -67,6 +67,7 @@ def _mc_success(a, b, c, sigma, t, r, n, seed):
     p=st.floats(0.05, 0.99),
     seed=st.integers(0, 2**16),
 )
+@example(a=1.0, b=0.0, c=7.26224338522269e-257, sigma_scale=0.25, m=1, r=1.0, p=0.5, seed=0)
 def test_sound_under_adversarial_configurations(a, b, c, sigma_scale, m, r, p, seed):
     gen = torch.Generator().manual_seed(seed)
     sigma = sigma_scale * torch.rand(m, generator=gen, dtype=torch.float64).clamp_min(0.05)
@@ -172,3 +173,18 @@ def test_bad_input(kwargs, exc, match):
     }
     with pytest.raises(exc, match=match):
         certified_radius(**args)
+
+
+def test_extreme_constants_stay_sound_and_finite():
+    zero_b = float(certified_radius(1.0, 0.0, 1.0, 0.1, 0.1, 8.0, 0.5, 10, "chi2"))
+    tiny_b = float(certified_radius(1.0, 1e-310, 1.0, 0.1, 0.1, 8.0, 0.5, 10, "chi2"))
+    assert tiny_b == pytest.approx(zero_b, rel=1e-12) and math.isfinite(tiny_b)
+    for bound in ("best", "paper"):
+        value = float(certified_radius(1e-160, 1.0, 1.0, 0.1, 0.1, 8.0, 0.5, 10, bound))
+        assert not math.isnan(value)
+    assert float(certified_radius(0.0, 1.0, 1.0, 0.1, 0.1, 8.0, 0.5, 10, "paper")) == math.inf
+
+
+def test_sigma_inf_too_small_for_the_latent_size():
+    with pytest.raises(ValueError, match="sigma_inf must be >= sigma_l2 / sqrt"):
+        certified_radius(1.0, 1.0, 1.0, 1.0, 0.1, 8.0, 0.5, 10)

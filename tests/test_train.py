@@ -119,3 +119,29 @@ def test_ddp_two_processes_match_one(tmp_path):
     for key, value in single.state_dict().items():
         if isinstance(value, torch.Tensor):
             assert torch.allclose(value, ranks[0]["state"][key], atol=1e-5), key
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_train_restores_the_mode(training):
+    model = small_vae()
+    model.train(training)
+    train(model, small_data(64), _config(epochs=1))
+    assert model.training is training
+
+
+def test_resume_with_other_settings_is_an_error(tmp_path):
+    model = small_vae()
+    train(model, small_data(64), _config(epochs=1, checkpoint=str(tmp_path / "ck.pt")))
+    with pytest.raises(ValueError, match=r"cannot resume with different settings \(lr"):
+        train(small_vae(), small_data(64), _config(epochs=2, lr=0.5), resume=tmp_path / "ck.pt")
+
+
+def test_float64_checkpoint_keeps_its_dtype(tmp_path):
+    model = small_vae().double()
+    save_checkpoint(tmp_path / "d.pt", model)
+    loaded = load_checkpoint(tmp_path / "d.pt").model
+    assert next(loaded.parameters()).dtype == torch.float64
+    x = small_data(4).images.double()
+    model.eval()
+    loaded.eval()
+    assert torch.equal(model.encode(x)[0], loaded.encode(x)[0])

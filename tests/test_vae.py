@@ -8,7 +8,14 @@ import torch.nn.functional as F
 from scipy import integrate
 from torch import nn
 
-from crvae_ext import LipLinear, LipschitzVAE, RobustnessTarget, a_priori_radius, reference
+from crvae_ext import (
+    L2BallProjection,
+    LipLinear,
+    LipschitzVAE,
+    RobustnessTarget,
+    a_priori_radius,
+    reference,
+)
 from crvae_ext.likelihoods import log_likelihood
 
 
@@ -195,3 +202,33 @@ def test_bad_input(vae):
         vae.verify_target()
     with pytest.raises(ValueError, match="beta must be >= 0"):
         vae.elbo(torch.rand(2, 20), beta=-1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_projection_never_exceeds_the_cap_after_rounding(dtype):
+    proj = L2BallProjection(0.1)
+    x = torch.rand(20_000, 10, dtype=torch.float64) * 5
+    norms = proj(x.to(dtype)).double().norm(dim=1)
+    assert (norms <= 0.1).all()
+    assert norms.max() > 0.1 * (1 - 4 * torch.finfo(dtype).eps)  # still projects onto ~S
+
+
+def test_from_target_without_margin_still_meets_the_target():
+    torch.manual_seed(1)
+    target = RobustnessTarget(radius=0.05, r=4.0, p=0.5)
+    for method in ("spectral", "bjorck"):
+        vae = LipschitzVAE.from_target(12, 3, target, hidden=(8,), margin=0.0, method=method)
+        assert vae.verify_target().met
+
+
+def test_sigma_cap_and_latent_dim_are_read_only(vae):
+    with pytest.raises(AttributeError):
+        vae.sigma_max = 0.01
+    with pytest.raises(AttributeError):
+        vae.latent_dim = 1
+    assert vae.sigma_max == 0.2 and vae.latent_dim == 4
+
+
+def test_group_size_zero_is_a_clear_error():
+    with pytest.raises(ValueError, match="group_size must be >= 1"):
+        LipschitzVAE(8, 2, hidden=(8,), group_size=0)

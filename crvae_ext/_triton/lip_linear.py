@@ -31,17 +31,18 @@ _SPLITS = 4 if _common.INTERPRETED else 32
 
 @triton.jit
 def _lip_linear_epilogue_kernel(out_ptr, s_or, s_oc, scale_ptr, bias_ptr, n_rows, n_cols,
-                                HAS_BIAS: tl.constexpr, BR: tl.constexpr,
+                                HAS_BIAS: tl.constexpr, FP64: tl.constexpr, BR: tl.constexpr,
                                 BC: tl.constexpr):  # fmt: skip
-    """out = scale * out + bias, in place on the GEMM output."""
+    """out = scale * out + bias, in place on the GEMM output (fp32 arithmetic, fp64 for fp64)."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     offsets = rows[:, None].to(tl.int64) * s_or + cols[None, :] * s_oc
-    acc = tl.load(out_ptr + offsets, mask=mask).to(tl.float32)
-    y = acc * tl.load(scale_ptr).to(tl.float32)
+    acc_t = tl.float64 if FP64 else tl.float32  # never round an fp64 output through fp32
+    acc = tl.load(out_ptr + offsets, mask=mask).to(acc_t)
+    y = acc * tl.load(scale_ptr).to(acc_t)
     if HAS_BIAS:
-        y += tl.load(bias_ptr + cols, mask=cols < n_cols).to(tl.float32)[None, :]
+        y += tl.load(bias_ptr + cols, mask=cols < n_cols).to(acc_t)[None, :]
     tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -199,7 +200,7 @@ def _epilogue(out: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None)
     grid = (triton.cdiv(rows, _TILE_ROWS), triton.cdiv(cols, _TILE_COLS))
     _common.launch(_lip_linear_epilogue_kernel, grid)(
         out, out.stride(0), out.stride(1), scale, bias if bias is not None else scale, rows, cols,
-        HAS_BIAS=bias is not None, BR=_TILE_ROWS, BC=_TILE_COLS,
+        HAS_BIAS=bias is not None, FP64=out.dtype == torch.float64, BR=_TILE_ROWS, BC=_TILE_COLS,
     )  # fmt: skip
 
 

@@ -115,30 +115,37 @@ class LipLinear(nn.Module):
     def converge_(
         self, tol: float = 1e-7, max_iters: int = 2000, check_every: int = 10
     ) -> LipLinear:
-        """Advance the power iteration until sigma_hat changes by < ``tol`` (relative)."""
+        """Advance the power iteration until sigma_hat changes by < ``tol`` (relative).
+
+        A zero or non-finite state vector is re-seeded first.
+        """
+        if not bool(torch.isfinite(self.v).all()) or float(self.v.norm()) == 0:
+            self.v.normal_()
         previous = None
         for _ in range(0, max_iters, check_every):
-            sigma, u, v = F.power_iteration(self.weight, self.v, check_every, self.backend)
-            self.u.copy_(u)
-            self.v.copy_(v)
-            current = float(sigma)
+            current = float(self._advance(check_every)[0])
             if previous is not None and abs(current - previous) <= tol * abs(current):
                 break
             previous = current
         return self
 
+    def _advance(self, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``steps`` power-iteration steps; the buffers advance in place unless W v = 0 (a zero
+        weight), which would leave a zero state no later weight could recover from."""
+        sigma, u, v = F.power_iteration(self.weight, self.v, steps, self.backend)
+        moved = sigma > 0
+        self.u.copy_(torch.where(moved, u, self.u))
+        self.v.copy_(torch.where(moved, v, self.v))
+        return sigma, u, v
+
     def _scale(self, sigma: torch.Tensor) -> torch.Tensor:
-        """k / sigma_hat as a 0-d tensor: the exact factor the forward applies."""
+        """k / sigma_hat as a 0-d tensor (fp32, fp64 for fp64): the exact factor applied."""
         return self._lipschitz / sigma.clamp_min(_SIGMA_FLOOR)
 
     def _iterate(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One training forward's power-iteration step; the buffers advance in place."""
         with torch.no_grad():
-            sigma, u, v = F.power_iteration(
-                self.weight, self.v, self.n_power_iterations, self.backend
-            )
-            self.u.copy_(u)
-            self.v.copy_(v)
+            sigma, u, v = self._advance(self.n_power_iterations)
         return self._scale(sigma), u, v
 
     def _eval_key(self) -> tuple:
@@ -151,17 +158,17 @@ class LipLinear(nn.Module):
             self.u._version,
             self.v._version,
             self.u.data_ptr(),
+            self.v.data_ptr(),
             self._lipschitz,
+            self.bjorck_iterations,
         )
 
     def _frozen(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(scale, u, v) for eval: sigma_hat = u^T W v from the buffers, no iteration."""
+        """(scale, u, v) for eval: one power-iteration step from the buffer v, which stays as it
+        is. sigma_hat = u^T W v holds for the pair and is >= 0 whatever happened to W."""
         with torch.no_grad():
-            u = self.u.detach().clone()
-            v = self.v.detach().clone()
-            acc = torch.promote_types(u.dtype, torch.float32)
-            sigma = torch.dot(u.to(acc), torch.mv(self.weight.detach().to(acc), v.to(acc)))
-            return self._scale(sigma), u.to(acc), v.to(acc)
+            sigma, u, v = F.power_iteration(self.weight, self.v, 1, self.backend)
+        return self._scale(sigma), u, v
 
     def _eval_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if torch.compiler.is_compiling():
@@ -170,6 +177,15 @@ class LipLinear(nn.Module):
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, *self._frozen())
         return self._cache[1:]
+
+    def normalization(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scale, u, v) of the eval-mode forward: y = scale * x W^T + b, scale = k / (u^T W v)."""
+        return self._eval_state()
+
+    def invalidate_cache(self) -> None:
+        """Forget the eval-mode state; needed only after editing ``weight.data`` in place,
+        which no version counter sees (``lipschitz_bound`` always does this first)."""
+        self._cache = self._bjorck_cache = None
 
     def _bjorck(self, scale: torch.Tensor) -> torch.Tensor:
         w = self.weight * (scale / self._lipschitz).to(self.weight.dtype)
@@ -186,27 +202,37 @@ class LipLinear(nn.Module):
         """Björck weight: differentiable when gradients reach the weight, else cached in eval."""
         if self.training or (torch.is_grad_enabled() and self.weight.requires_grad):
             return self._bjorck(scale)
-        with torch.no_grad():
-            key = self._eval_key()
-            if self._bjorck_cache is None or self._bjorck_cache[0] != key:
-                self._bjorck_cache = (key, self._bjorck(scale))
-            return self._bjorck_cache[1]
+        return self._bjorck_cached(scale)
+
+    @torch.no_grad()
+    def _bjorck_cached(self, scale: torch.Tensor) -> torch.Tensor:
+        key = self._eval_key()
+        if self._bjorck_cache is None or self._bjorck_cache[0] != key:
+            self._bjorck_cache = (key, self._bjorck(scale))
+        return self._bjorck_cache[1]
 
     @torch.no_grad()
     def effective_weight(self) -> torch.Tensor:
-        """The weight the eval-mode forward applies (detached)."""
+        """The weight the eval-mode forward applies (detached; the same cached tensors)."""
         scale = self._eval_state()[0]
         if self.method == "spectral":
-            return self.weight.detach() * scale.to(self.weight.dtype)
-        return self._bjorck(scale)
+            return (self.weight.detach().to(scale.dtype) * scale).to(self.weight.dtype)
+        return self._bjorck_cached(scale)
 
     def lipschitz_bound(self) -> float:
-        """Exact upper bound on the eval-mode Lipschitz constant, from the weights (float64)."""
+        """Exact upper bound on the eval-mode Lipschitz constant, from the weights (float64).
+
+        The eval state is refreshed first, so the bound and every later eval forward describe
+        the same, current weights (even after an in-place ``weight.data`` edit).
+        """
+        self.invalidate_cache()
         with torch.no_grad():
             if self.method == "spectral":
                 scale = float(self._eval_state()[0].double())
                 return bounds.spectral_norm_bound(self.weight, "LipLinear.weight") * scale
-            return bounds.spectral_norm_bound(self.effective_weight(), "LipLinear.weight")
+            return bounds.spectral_norm_bound(
+                self.effective_weight(), "LipLinear's Björck weight (try converge_())"
+            )
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
