@@ -2,7 +2,8 @@
 // inner] strided view that lets both read non-contiguous input without a copy.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <cstdint>
 

@@ -6,7 +6,6 @@
 // rank-1 term of d sigma / dW added in place to the weight gradient.
 #include "lip_linear.h"
 
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -17,6 +16,8 @@
 #include <optional>
 #include <tuple>
 #include <vector>
+
+#include "cpu_utils.h"
 
 namespace crvae_ext_cpp {
 namespace {
@@ -30,7 +31,7 @@ at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double alpha) {
 at::Tensor lip_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                           const std::optional<at::Tensor>& bias, const at::Tensor& scale) {
   check_lip_linear_args(x, weight, bias, scale);
-  const double alpha = scale.item<double>();
+  const double alpha = scalar_value(scale);
   if (bias.has_value() && bias->defined()) return at::addmm(*bias, x, weight.t(), 1, alpha);
   return scaled_mm(x, weight.t(), alpha);
 }
@@ -86,36 +87,36 @@ double bias_grad_and_inner(const at::Tensor& grad, const at::Tensor* y, const T*
   return inner;
 }
 
-// grad_w[i, :] += (alpha * u[i]) * v, in place over the dense weight gradient.
+// grad_w = alpha * u v^T, written (not added) into the dense weight gradient: the GEMM then
+// adds s G^T x with beta = 1, so the rank-1 term costs one write of grad_w and no extra read.
 template <typename T>
-void add_rank1(T* grad_w, int64_t rows, int64_t cols, const at::Tensor& u, const at::Tensor& v,
-               double alpha) {
+void write_rank1(T* grad_w, int64_t rows, int64_t cols, const std::vector<double>& u,
+                 const std::vector<double>& v, double alpha) {
   using Op = at::opmath_type<T>;
-  const at::Tensor u64 = u.to(at::kDouble).contiguous();
-  const at::Tensor vt = v.to(c10::CppTypeToScalarType<Op>::value).contiguous();
-  const double* up = u64.const_data_ptr<double>();
-  const Op* vp = vt.const_data_ptr<Op>();
+  std::vector<Op> v_op(v.begin(), v.end());
+  const Op* vp = v_op.data();
   at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(cols, 1)),
                    [&](int64_t begin, int64_t end) {
                      for (int64_t i = begin; i < end; ++i) {
-                       const Op c = static_cast<Op>(alpha * up[i]);
+                       const Op c = static_cast<Op>(alpha * u[i]);
                        T* row = grad_w + i * cols;
 #pragma omp simd
-                       for (int64_t j = 0; j < cols; ++j) {
-                         row[j] = static_cast<T>(static_cast<Op>(row[j]) + c * vp[j]);
-                       }
+                       for (int64_t j = 0; j < cols; ++j) row[j] = static_cast<T>(c * vp[j]);
                      }
                    });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lip_linear_backward_cpu(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias_opt, const at::Tensor& out, const at::Tensor& scale,
     const at::Tensor& u, const at::Tensor& v, double lipschitz, std::array<bool, 3> needs) {
-  check_lip_linear_backward_args(grad, x, weight, bias_opt, out, scale, u, v);
+  check_lip_linear_backward_args(grad_in, x, weight, bias_opt, out, scale, u, v);
+  // One dense copy of an expanded or strided grad (y.sum() gives a stride-0 one) serves both
+  // GEMMs and the fused pass; each GEMM would otherwise make its own.
+  const at::Tensor grad = grad_in.is_contiguous() ? grad_in : grad_in.contiguous();
   const auto [need_x, need_w, need_b] = needs;
   const bool has_bias = bias_opt.has_value() && bias_opt->defined();
-  const double alpha = scale.item<double>();
+  const double alpha = scalar_value(scale);
   at::Tensor grad_x, grad_w, grad_b;
   if (need_x) grad_x = scaled_mm(grad, weight, alpha);
   if (!need_w && !(has_bias && need_b)) return {grad_x, grad_w, grad_b};
@@ -130,12 +131,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lip_linear_backward_cpu(
             has_bias ? grad_b.mutable_data_ptr<scalar_t>() : nullptr);
       });
   if (need_w) {
-    // dW = s G^T x - (s / k) <G, y - b> u v^T
-    grad_w = scaled_mm(grad.t(), x, alpha);
+    // dW = s G^T x - (s / k) <G, y - b> u v^T: the rank-1 term first, then the GEMM adds to it.
+    grad_w =
+        at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_w.scalar_type(), "rank1", [&] {
-      add_rank1(grad_w.mutable_data_ptr<scalar_t>(), grad_w.size(0), grad_w.size(1), u, v,
-                -inner * alpha / lipschitz);
+      write_rank1(grad_w.mutable_data_ptr<scalar_t>(), grad_w.size(0), grad_w.size(1),
+                  to_doubles(u), to_doubles(v), -inner * alpha / lipschitz);
     });
+    at::addmm_out(grad_w, grad_w, grad.t(), x, /*beta=*/1, alpha);
   }
   if (!need_b) grad_b = at::Tensor();
   return {grad_x, grad_w, grad_b};

@@ -1,7 +1,9 @@
 // LipLinear argument checks shared by the CPU and CUDA kernels.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
 
 #include <optional>
 
