@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import warnings
 
 import torch
@@ -19,12 +20,25 @@ from . import _build
 
 DISABLE_ENV = "CRVAE_NO_CPP"
 _log = logging.getLogger(__name__)
+_DIAGNOSTIC = re.compile(r"error|not found|fatal|no such file|permission denied", re.IGNORECASE)
 
 
 def _summary(exc: BaseException) -> str:
-    """First line of an exception (compiler output can run to pages), at most 300 characters."""
-    lines = str(exc).strip().splitlines()
-    text = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    """One line from an exception whose text can run to pages of compiler output: its first
+    line and the first diagnostic (a compiler error, a missing program), at most 300 chars."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    head = lines[0] if lines else ""
+    if head.startswith("Error building extension"):
+        head = head.split(":", 1)[0]
+    diagnostic = next(
+        (
+            line
+            for line in lines[1:]
+            if _DIAGNOSTIC.search(line) and not line.startswith(("[", "FAILED", "ninja:"))
+        ),
+        "",
+    )
+    text = f"{type(exc).__name__}: {head}" + (f": {diagnostic}" if diagnostic else "")
     return text if len(text) <= 300 else text[:297] + "..."
 
 
@@ -60,7 +74,7 @@ def _load() -> str | None:
             _log.info("crvae_ext: building the C++ backend (first use only, about a minute)")
             _jit_build()
     except Exception as exc:
-        _log.debug("building csrc failed", exc_info=True)
+        _log.debug("building csrc failed: %s", exc, exc_info=True)
         reason = f"the C++ extension could not be built or loaded ({_summary(exc)})"
         warnings.warn(
             f"crvae_ext: {reason}; the torch reference backend runs instead",
