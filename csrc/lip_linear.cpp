@@ -36,41 +36,43 @@ at::Tensor lip_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   return scaled_mm(x, weight.t(), alpha);
 }
 
-// One pass over grad (B x m): the column sums of grad into colsum (if not null) and, if y is
-// not null, <grad, y - b> = <grad, y> - <colsum, b> (b may be null), accumulated in double.
+// One parallel pass over the B rows: the column sums of g into colsum (if not null) and the
+// inner product <a, b> (if a is not null; a and b of one shape, any strides), in double.
 template <typename T>
-double bias_grad_and_inner(const at::Tensor& grad, const at::Tensor* y, const T* bias, T* colsum) {
-  const int64_t rows = grad.size(0), cols = grad.size(1);
-  const T* g = grad.const_data_ptr<T>();
-  const T* yp = y != nullptr ? y->const_data_ptr<T>() : nullptr;
-  const int64_t gr = grad.stride(0), gc = grad.stride(1);
-  const int64_t yr = y != nullptr ? y->stride(0) : 0, yc = y != nullptr ? y->stride(1) : 0;
-  const int64_t chunks =
-      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows * cols / (1 << 15)));
-  std::vector<double> sums(static_cast<size_t>(chunks * cols), 0.0);
+double rows_pass(const at::Tensor& g, T* colsum, const at::Tensor* a, const at::Tensor* b) {
+  const int64_t rows = g.size(0), cols = g.size(1), width = a != nullptr ? a->size(1) : 0;
+  const T* gp = g.const_data_ptr<T>();
+  const T* ap = a != nullptr ? a->const_data_ptr<T>() : nullptr;
+  const T* bp = a != nullptr ? b->const_data_ptr<T>() : nullptr;
+  const int64_t gr = g.stride(0), gc = g.stride(1);
+  const int64_t ar = a != nullptr ? a->stride(0) : 0, ac = a != nullptr ? a->stride(1) : 0;
+  const int64_t br = a != nullptr ? b->stride(0) : 0, bc = a != nullptr ? b->stride(1) : 0;
+  const int64_t chunks = std::max<int64_t>(
+      1, std::min<int64_t>(at::get_num_threads(), rows * (cols + width) / (1 << 15)));
+  std::vector<double> sums(colsum != nullptr ? static_cast<size_t>(chunks * cols) : 0, 0.0);
   std::vector<double> dots(static_cast<size_t>(chunks), 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
-      double* sum = sums.data() + c * cols;
       double dot = 0;
-      for (int64_t b = rows * c / chunks; b < rows * (c + 1) / chunks; ++b) {
-        const T* grow = g + b * gr;
-        const T* yrow = yp + b * yr;
-        if (yp != nullptr && gc == 1 && yc == 1) {
+      for (int64_t r = rows * c / chunks; r < rows * (c + 1) / chunks; ++r) {
+        if (colsum != nullptr) {
+          double* sum = sums.data() + c * cols;
+          const T* row = gp + r * gr;
+#pragma omp simd
+          for (int64_t j = 0; j < cols; ++j) sum[j] += static_cast<double>(row[j * gc]);
+        }
+        if (ap == nullptr) continue;
+        const T* arow = ap + r * ar;
+        const T* brow = bp + r * br;
+        if (ac == 1 && bc == 1) {
 #pragma omp simd reduction(+ : dot)
-          for (int64_t j = 0; j < cols; ++j) {
-            const double gj = static_cast<double>(grow[j]);
-            dot += gj * static_cast<double>(yrow[j]);
-            sum[j] += gj;
-          }
-        } else if (yp != nullptr) {
-          for (int64_t j = 0; j < cols; ++j) {
-            const double gj = static_cast<double>(grow[j * gc]);
-            dot += gj * static_cast<double>(yrow[j * yc]);
-            sum[j] += gj;
+          for (int64_t j = 0; j < width; ++j) {
+            dot += static_cast<double>(arow[j]) * static_cast<double>(brow[j]);
           }
         } else {
-          for (int64_t j = 0; j < cols; ++j) sum[j] += static_cast<double>(grow[j * gc]);
+          for (int64_t j = 0; j < width; ++j) {
+            dot += static_cast<double>(arow[j * ac]) * static_cast<double>(brow[j * bc]);
+          }
         }
       }
       dots[c] = dot;
@@ -78,13 +80,23 @@ double bias_grad_and_inner(const at::Tensor& grad, const at::Tensor* y, const T*
   });
   double inner = 0;
   for (int64_t c = 0; c < chunks; ++c) inner += dots[c];
-  for (int64_t j = 0; j < cols; ++j) {
+  for (int64_t j = 0; colsum != nullptr && j < cols; ++j) {
     double total = 0;
     for (int64_t c = 0; c < chunks; ++c) total += sums[c * cols + j];
-    if (colsum != nullptr) colsum[j] = static_cast<T>(total);
-    if (bias != nullptr) inner -= total * static_cast<double>(bias[j]);
+    colsum[j] = static_cast<T>(total);
   }
   return inner;
+}
+
+// <colsum, b> in double.
+template <typename T>
+double dot_with(const T* colsum, const at::Tensor& b) {
+  const T* bp = b.const_data_ptr<T>();
+  double total = 0;
+  for (int64_t j = 0; j < b.numel(); ++j) {
+    total += static_cast<double>(colsum[j]) * static_cast<double>(bp[j]);
+  }
+  return total;
 }
 
 // grad_w = alpha * u v^T, written (not added) into the dense weight gradient: the GEMM then
@@ -108,27 +120,35 @@ void write_rank1(T* grad_w, int64_t rows, int64_t cols, const std::vector<double
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lip_linear_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias_opt, const at::Tensor& out, const at::Tensor& scale,
-    const at::Tensor& u, const at::Tensor& v, double lipschitz, std::array<bool, 3> needs) {
-  check_lip_linear_backward_args(grad_in, x, weight, bias_opt, out, scale, u, v);
-  // One dense copy of an expanded or strided grad (y.sum() gives a stride-0 one) serves both
-  // GEMMs and the fused pass; each GEMM would otherwise make its own.
-  const at::Tensor grad = grad_in.is_contiguous() ? grad_in : grad_in.contiguous();
+    const std::optional<at::Tensor>& bias_opt, const std::optional<at::Tensor>& out,
+    const at::Tensor& scale, const at::Tensor& u, const at::Tensor& v, double lipschitz,
+    std::array<bool, 3> needs) {
   const auto [need_x, need_w, need_b] = needs;
+  check_lip_linear_backward_args(grad_in, x, weight, bias_opt, out, scale, u, v, need_x, need_w);
+  // One dense copy of an expanded or strided grad (y.sum() gives a stride-0 one) serves both
+  // GEMMs and the row pass; each GEMM would otherwise make its own.
+  const at::Tensor grad = grad_in.is_contiguous() ? grad_in : grad_in.contiguous();
   const bool has_bias = bias_opt.has_value() && bias_opt->defined();
   const double alpha = scalar_value(scale);
   at::Tensor grad_x, grad_w, grad_b;
   if (need_x) grad_x = scaled_mm(grad, weight, alpha);
-  if (!need_w && !(has_bias && need_b)) return {grad_x, grad_w, grad_b};
-  if (has_bias) grad_b = at::empty({weight.size(0)}, grad.options());
-  const at::Tensor bias = has_bias ? bias_opt->contiguous() : at::Tensor();
-  double inner = 0;  // <grad, y - b>
+  // <G, y - b> = <G, s x W^T> = <s G W, x> = <grad_x, x>: with grad_x at hand, neither y nor the
+  // bias enter (no cancellation against a large bias); else <G, y> - <1^T G, b>.
+  const bool via_y = need_w && !need_x;
+  const bool sums = has_bias && (need_b || via_y);
+  if (sums) grad_b = at::empty({weight.size(0)}, grad.options());
+  double inner = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grad.scalar_type(), "lip_linear_backward", [&] {
-        inner = bias_grad_and_inner<scalar_t>(
-            grad, need_w ? &out : nullptr,
-            has_bias && need_w ? bias.const_data_ptr<scalar_t>() : nullptr,
-            has_bias ? grad_b.mutable_data_ptr<scalar_t>() : nullptr);
+        scalar_t* colsum = sums ? grad_b.mutable_data_ptr<scalar_t>() : nullptr;
+        if (!need_w) {
+          if (sums) rows_pass<scalar_t>(grad, colsum, nullptr, nullptr);
+        } else if (via_y) {
+          inner = rows_pass<scalar_t>(grad, colsum, &grad, &*out);
+          if (has_bias) inner -= dot_with(colsum, bias_opt->contiguous());
+        } else {
+          inner = rows_pass<scalar_t>(grad, colsum, &grad_x, &x);
+        }
       });
   if (need_w) {
     // dW = s G^T x - (s / k) <G, y - b> u v^T: the rank-1 term first, then the GEMM adds to it.

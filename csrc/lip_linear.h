@@ -28,18 +28,28 @@ inline void check_lip_linear_args(const at::Tensor& x, const at::Tensor& weight,
   }
 }
 
+// `out` (the forward output y) is needed only when W needs a gradient and x does not: with
+// grad_x at hand the rank-1 coefficient comes from <grad_x, x> instead.
 inline void check_lip_linear_backward_args(const at::Tensor& grad, const at::Tensor& x,
                                            const at::Tensor& weight,
                                            const std::optional<at::Tensor>& bias,
-                                           const at::Tensor& out, const at::Tensor& scale,
-                                           const at::Tensor& u, const at::Tensor& v) {
+                                           const std::optional<at::Tensor>& out,
+                                           const at::Tensor& scale, const at::Tensor& u,
+                                           const at::Tensor& v, bool need_x, bool need_w) {
   check_lip_linear_args(x, weight, bias, scale);
   const auto expected = std::vector<int64_t>{x.size(0), weight.size(0)};
-  TORCH_CHECK(grad.sizes() == expected && out.sizes() == expected,
-              "lip_linear_backward: grad and out must have shape ", at::IntArrayRef(expected),
-              ", got ", grad.sizes(), " and ", out.sizes());
-  TORCH_CHECK(grad.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type(),
-              "lip_linear_backward: grad and out must have x's dtype ", x.scalar_type());
+  TORCH_CHECK(grad.sizes() == expected, "lip_linear_backward: grad must have shape ",
+              at::IntArrayRef(expected), ", got ", grad.sizes());
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type(),
+              "lip_linear_backward: grad must have x's dtype ", x.scalar_type());
+  const bool has_out = out.has_value() && out->defined();
+  TORCH_CHECK(has_out || !need_w || need_x,
+              "lip_linear_backward: out is required when weight needs a gradient and x does not");
+  if (has_out) {
+    TORCH_CHECK(out->sizes() == expected && out->scalar_type() == x.scalar_type(),
+                "lip_linear_backward: out must have shape ", at::IntArrayRef(expected),
+                " and x's dtype, got ", out->sizes(), " ", out->scalar_type());
+  }
   TORCH_CHECK(
       u.dim() == 1 && u.size(0) == weight.size(0) && v.dim() == 1 && v.size(0) == weight.size(1),
       "lip_linear_backward: u, v must have shapes (", weight.size(0), ",), (", weight.size(1),

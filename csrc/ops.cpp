@@ -8,7 +8,7 @@ TORCH_LIBRARY(crvae_ext_cpp, m) {
   m.def("power_iteration(Tensor weight, Tensor v, int n_iters) -> (Tensor, Tensor, Tensor)");
   m.def("lip_linear(Tensor x, Tensor weight, Tensor? bias, Tensor scale) -> Tensor");
   m.def(
-      "lip_linear_backward(Tensor grad, Tensor x, Tensor weight, Tensor? bias, Tensor out, "
+      "lip_linear_backward(Tensor grad, Tensor x, Tensor weight, Tensor? bias, Tensor? out, "
       "Tensor scale, Tensor u, Tensor v, float lipschitz, bool[3] needs) "
       "-> (Tensor, Tensor, Tensor)");
 }

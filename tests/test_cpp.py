@@ -204,7 +204,8 @@ def test_lip_linear_backward_matches_reference(dtype, grad_kind, bias, needs):
         "expanded": torch.ones((), dtype=dtype).expand(out.shape),
         "transposed": torch.randn(out.shape[::-1], dtype=dtype).t(),
     }[grad_kind]
-    got = _cpp.lip_linear_backward(grad, x, w, b, out, scale, u, v, 1.7, needs)
+    kept = None if needs[0] else out  # y is optional when grad_x is computed
+    got = _cpp.lip_linear_backward(grad, x, w, b, kept, scale, u, v, 1.7, needs)
     d = [t.double() if t is not None else None for t in (grad, x, w, b, out, scale, u, v)]
     want = reference.lip_linear_backward(*d, 1.7, needs)
     tol = 1e-10 if dtype == torch.float64 else 2e-4
@@ -214,6 +215,26 @@ def test_lip_linear_backward_matches_reference(dtype, grad_kind, bias, needs):
         if present:
             assert g.dtype == dtype
             torch.testing.assert_close(g.double(), e, rtol=tol, atol=tol)
+
+
+def test_lip_linear_backward_needs_y_without_grad_x():
+    x, w, b, scale, u, v = _lip_problem(torch.float32, True)
+    grad = torch.randn(x.shape[0], w.shape[0])
+    with pytest.raises(RuntimeError, match="out is required"):
+        _cpp.lip_linear_backward(grad, x, w, b, None, scale, u, v, 1.7, (False, True, False))
+
+
+def test_lip_linear_large_bias_does_not_cancel():
+    """<G, y - b> from <grad_x, x> does not subtract two large numbers when |b| >> |x W^T|."""
+    x, w, _, scale, u, v = _lip_problem(torch.float32, False, batch=64, shape=(32, 48))
+    b = torch.full((32,), 1e4)
+    out = _cpp.lip_linear(x, w, b, scale)
+    grad = torch.randn(out.shape)
+    d = [t.double() for t in (grad, x, w, b, out, scale, u, v)]
+    d[4] = reference.lip_linear(d[1], d[2], d[3], d[5])  # y in float64
+    want = reference.lip_linear_backward(*d, 1.7, (True, True, True))[1]
+    got = _cpp.lip_linear_backward(grad, x, w, b, out, scale, u, v, 1.7, (True, True, True))[1]
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -143,14 +143,17 @@ def lip_linear_backward(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    out: torch.Tensor,
+    out: torch.Tensor | None,
     scale: torch.Tensor,
     u: torch.Tensor,
     v: torch.Tensor,
     lipschitz: float,
     needs: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients w.r.t. (x, W, b) of y = k x W^T / (u^T W v) + b; None where not needed."""
+    """Gradients w.r.t. (x, W, b) of y = k x W^T / (u^T W v) + b; None where not needed.
+
+    ``out`` (y) may be None when x needs a gradient: <grad, y - b> is then <grad_x, x>.
+    """
     needs = tuple(bool(n) for n in needs)
     grads = _op("lip_linear_backward")(
         grad, x, weight, bias, out, scale, u, v, float(lipschitz), list(needs)

@@ -21,7 +21,9 @@ class _LipLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, scale, u, v, lipschitz: float) -> torch.Tensor:
         out = _op("lip_linear")(x, weight, bias, scale)
-        ctx.save_for_backward(x, weight, bias, scale, u, v, out)
+        # y enters the backward only when x needs no gradient (else <grad_x, x> stands in)
+        kept = None if ctx.needs_input_grad[0] else out
+        ctx.save_for_backward(x, weight, bias, scale, u, v, kept)
         ctx.lipschitz = lipschitz
         return out
 

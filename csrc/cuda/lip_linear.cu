@@ -2,8 +2,9 @@
 //
 // The scale lives on the device (k / sigma from the power iteration), so it never becomes a
 // GEMM alpha (that would need a host sync): the forward is a GEMM and one fused epilogue pass;
-// the backward makes g = grad * scale and <grad, y> in one pass, runs the two GEMMs on g, and
-// adds the rank-1 term of d sigma / dW in place with its coefficient read on the device.
+// the backward scales grad once, runs the two GEMMs on it, takes <G, y - b> as <grad_x, x>
+// (or from y when x needs no gradient) and adds the rank-1 term of d sigma / dW in place, its
+// coefficient read on the device.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/dot.h>
@@ -62,29 +63,36 @@ __device__ __forceinline__ A warp_sum(A value) {
   return value;
 }
 
-// g = grad * scale (dense), and *inner += <grad, y> (y may be null: no dot product).
+// g = grad * scale, elementwise over dense tensors.
 template <typename T>
-__global__ void scaled_grad_and_dot(const T* __restrict__ grad, const T* __restrict__ y, int64_t n,
-                                    const Acc<T>* __restrict__ scale, T* __restrict__ g,
-                                    Acc<T>* __restrict__ inner) {
+__global__ void scale_grad(const T* __restrict__ grad, int64_t n, const Acc<T>* __restrict__ scale,
+                           T* __restrict__ g) {
   using A = Acc<T>;
-  __shared__ A warp_totals[kThreads / 32];
   const A s = *scale;
-  A dot = 0;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
        e += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const A ge = static_cast<A>(grad[e]);
-    g[e] = static_cast<T>(ge * s);
-    if (y != nullptr) dot += ge * static_cast<A>(y[e]);
+    g[e] = static_cast<T>(static_cast<A>(grad[e]) * s);
   }
-  if (y == nullptr) return;
-  dot = warp_sum(dot);
-  if (threadIdx.x % 32 == 0) warp_totals[threadIdx.x / 32] = dot;
+}
+
+// *total += <a, b> over dense tensors: per-thread sums, warp shuffles, one atomic per block.
+template <typename T>
+__global__ void dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n,
+                    Acc<T>* __restrict__ total) {
+  using A = Acc<T>;
+  __shared__ A warp_totals[kThreads / 32];
+  A sum = 0;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
+       e += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    sum += static_cast<A>(a[e]) * static_cast<A>(b[e]);
+  }
+  sum = warp_sum(sum);
+  if (threadIdx.x % 32 == 0) warp_totals[threadIdx.x / 32] = sum;
   __syncthreads();
   if (threadIdx.x == 0) {
-    A total = 0;
-    for (int w = 0; w < kThreads / 32; ++w) total += warp_totals[w];
-    atomicAdd(inner, total);
+    A block_total = 0;
+    for (int w = 0; w < kThreads / 32; ++w) block_total += warp_totals[w];
+    atomicAdd(total, block_total);
   }
 }
 
@@ -124,45 +132,48 @@ at::Tensor lip_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lip_linear_backward_cuda(
-    const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias_opt, const at::Tensor& out_in, const at::Tensor& scale,
-    const at::Tensor& u, const at::Tensor& v, double lipschitz, std::array<bool, 3> needs) {
-  check_lip_linear_backward_args(grad_in, x, weight, bias_opt, out_in, scale, u, v);
-  const c10::cuda::CUDAGuard guard(x.device());
+    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias_opt, const std::optional<at::Tensor>& out,
+    const at::Tensor& scale, const at::Tensor& u, const at::Tensor& v, double lipschitz,
+    std::array<bool, 3> needs) {
   const auto [need_x, need_w, need_b] = needs;
+  check_lip_linear_backward_args(grad_in, x_in, weight, bias_opt, out, scale, u, v, need_x, need_w);
+  const c10::cuda::CUDAGuard guard(x_in.device());
   const bool has_bias = bias_opt.has_value() && bias_opt->defined();
   at::Tensor grad_x, grad_w, grad_b;
-  if (!need_x && !need_w && !(has_bias && need_b)) return {grad_x, grad_w, grad_b};
   const at::Tensor grad = grad_in.contiguous();
-  const at::Tensor out = out_in.contiguous();
-  if (has_bias && (need_b || need_w)) grad_b = grad.sum(0);
+  if (has_bias && (need_b || (need_w && !need_x))) grad_b = grad.sum(0);
   const auto stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grad.scalar_type(), "lip_linear_backward_cuda", [&] {
         using A = Acc<scalar_t>;
+        if (!need_x && !need_w) return;
         const auto acc = grad.options().dtype(acc_type<scalar_t>());
         const at::Tensor s = scale.to(acc).reshape({});
         at::Tensor g = at::empty_like(grad);
-        at::Tensor inner = at::zeros({}, acc);
-        if (need_x || need_w) {
-          scaled_grad_and_dot<scalar_t><<<blocks_for(grad.numel()), kThreads, 0, stream>>>(
-              grad.const_data_ptr<scalar_t>(), need_w ? out.const_data_ptr<scalar_t>() : nullptr,
-              grad.numel(), s.const_data_ptr<A>(), g.mutable_data_ptr<scalar_t>(),
-              inner.mutable_data_ptr<A>());
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
+        scale_grad<scalar_t><<<blocks_for(grad.numel()), kThreads, 0, stream>>>(
+            grad.const_data_ptr<scalar_t>(), grad.numel(), s.const_data_ptr<A>(),
+            g.mutable_data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
         if (need_x) grad_x = at::mm(g, weight);
-        if (need_w) {
-          grad_w = at::mm(g.t(), x).contiguous();
-          at::Tensor bias_dot;
-          if (has_bias) bias_dot = at::dot(grad_b.to(acc), bias_opt->to(acc));
-          const at::Tensor uu = u.to(acc).contiguous(), vv = v.to(acc).contiguous();
-          add_rank1<scalar_t><<<blocks_for(grad_w.numel()), kThreads, 0, stream>>>(
-              grad_w.mutable_data_ptr<scalar_t>(), grad_w.size(0), grad_w.size(1),
-              uu.const_data_ptr<A>(), vv.const_data_ptr<A>(), inner.const_data_ptr<A>(),
-              has_bias ? bias_dot.const_data_ptr<A>() : nullptr, s.const_data_ptr<A>(), lipschitz);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
+        if (!need_w) return;
+        // <G, y - b> = <s G W, x> = <grad_x, x> when grad_x exists, else <G, y> - <1^T G, b>.
+        at::Tensor inner = at::zeros({}, acc), bias_dot;
+        const at::Tensor a = need_x ? grad_x.contiguous() : grad;
+        const at::Tensor b = need_x ? x_in.contiguous() : out->contiguous();
+        dot<scalar_t><<<blocks_for(a.numel()), kThreads, 0, stream>>>(
+            a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), a.numel(),
+            inner.mutable_data_ptr<A>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (!need_x && has_bias) bias_dot = at::dot(grad_b.to(acc), bias_opt->to(acc));
+        grad_w = at::mm(g.t(), x_in).contiguous();
+        const at::Tensor uu = u.to(acc).contiguous(), vv = v.to(acc).contiguous();
+        add_rank1<scalar_t><<<blocks_for(grad_w.numel()), kThreads, 0, stream>>>(
+            grad_w.mutable_data_ptr<scalar_t>(), grad_w.size(0), grad_w.size(1),
+            uu.const_data_ptr<A>(), vv.const_data_ptr<A>(), inner.const_data_ptr<A>(),
+            bias_dot.defined() ? bias_dot.const_data_ptr<A>() : nullptr, s.const_data_ptr<A>(),
+            lipschitz);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
   if (!need_b) grad_b = at::Tensor();
   return {grad_x, grad_w, grad_b};
