@@ -50,12 +50,38 @@ class GroupSortFunction : public torch::autograd::Function<GroupSortFunction> {
   }
 };
 
+// The backward's own node: differentiating it again (create_graph, e.g. a gradient penalty)
+// raises, as the public op does, instead of silently dropping that part of the graph.
+class GroupSortBackwardFunction : public torch::autograd::Function<GroupSortBackwardFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad, const at::Tensor& x,
+                            int64_t group_size, int64_t dim) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return call_groupsort_backward(grad, x, group_size, dim);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(false,
+                "crvae_ext: double backward through groupsort is not implemented "
+                "(crvae_ext_cpp::groupsort_backward has no derivative)");
+    return {};
+  }
+};
+
 at::Tensor groupsort_autograd(const at::Tensor& x, int64_t group_size, int64_t dim) {
   return GroupSortFunction::apply(x, group_size, dim);
 }
 
+at::Tensor groupsort_backward_autograd(const at::Tensor& grad, const at::Tensor& x,
+                                       int64_t group_size, int64_t dim) {
+  return GroupSortBackwardFunction::apply(grad, x, group_size, dim);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(crvae_ext_cpp, Autograd, m) { m.impl("groupsort", &groupsort_autograd); }
+TORCH_LIBRARY_IMPL(crvae_ext_cpp, Autograd, m) {
+  m.impl("groupsort", &groupsort_autograd);
+  m.impl("groupsort_backward", &groupsort_backward_autograd);
+}
 
 }  // namespace crvae_ext_cpp

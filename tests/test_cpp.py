@@ -115,6 +115,16 @@ def test_groupsort_autograd_paths_agree():
     assert torch.autograd.gradcheck(lambda t: F.groupsort(t, 3, 1, backend="cpp"), (x[:, :12],))
 
 
+@pytest.mark.parametrize("path", ["eager", "public"])
+def test_groupsort_double_backward_is_an_error(path):
+    """Neither path has a second derivative: both must say so, not drop part of the graph."""
+    x = torch.randn(3, 8, requires_grad=True)
+    y = F.groupsort(x, 4, 1, backend="cpp") if path == "eager" else ops.groupsort(x, 4, 1, "cpp")
+    (g,) = torch.autograd.grad((y * torch.randn(3, 8)).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"double backward|no autograd formula"):
+        g.square().sum().backward()
+
+
 def test_groupsort_bad_arguments_are_errors():
     with pytest.raises(RuntimeError, match="does not divide size 10"):
         _cpp.groupsort(torch.randn(2, 10), 4, 1)
