@@ -125,18 +125,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lip_linear_backward_cpu(
     std::array<bool, 3> needs) {
   const auto [need_x, need_w, need_b] = needs;
   check_lip_linear_backward_args(grad_in, x, weight, bias_opt, out, scale, u, v, need_x, need_w);
-  // One dense copy of an expanded or strided grad (y.sum() gives a stride-0 one) serves both
-  // GEMMs and the row pass; each GEMM would otherwise make its own.
-  const at::Tensor grad = grad_in.is_contiguous() ? grad_in : grad_in.contiguous();
   const bool has_bias = bias_opt.has_value() && bias_opt->defined();
   const double alpha = scalar_value(scale);
-  at::Tensor grad_x, grad_w, grad_b;
-  if (need_x) grad_x = scaled_mm(grad, weight, alpha);
   // <G, y - b> = <G, s x W^T> = <s G W, x> = <grad_x, x>: with grad_x at hand, neither y nor the
   // bias enter (no cancellation against a large bias); else <G, y> - <1^T G, b>.
   const bool via_y = need_w && !need_x;
   const bool sums = has_bias && (need_b || via_y);
-  if (sums) grad_b = at::empty({weight.size(0)}, grad.options());
+  // The outputs first, temporaries after: the freed gradients of the previous step are then
+  // reused whole instead of being split by a temporary (fresh pages fault, ~1 us each here).
+  const auto dense = weight.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor grad_w = need_w ? at::empty(weight.sizes(), dense) : at::Tensor();
+  at::Tensor grad_x = need_x ? at::empty({x.size(0), x.size(1)}, x.options()) : at::Tensor();
+  at::Tensor grad_b = sums ? at::empty({weight.size(0)}, grad_in.options()) : at::Tensor();
+  // One dense copy of an expanded or strided grad (y.sum() gives a stride-0 one) serves both
+  // GEMMs and the row pass; each GEMM would otherwise make its own.
+  const at::Tensor grad = grad_in.is_contiguous() ? grad_in : grad_in.contiguous();
+  if (need_x) at::addmm_out(grad_x, grad_x, grad, weight, /*beta=*/0, alpha);
   double inner = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grad.scalar_type(), "lip_linear_backward", [&] {
@@ -152,8 +156,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lip_linear_backward_cpu(
       });
   if (need_w) {
     // dW = s G^T x - (s / k) <G, y - b> u v^T: the rank-1 term first, then the GEMM adds to it.
-    grad_w =
-        at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_w.scalar_type(), "rank1", [&] {
       write_rank1(grad_w.mutable_data_ptr<scalar_t>(), grad_w.size(0), grad_w.size(1),
                   to_doubles(u), to_doubles(v), -inner * alpha / lipschitz);
