@@ -129,7 +129,8 @@ def power_iteration_group(n: int, device, dtype=torch.float32, n_iters: int = 1)
     for b in bench_backends(device):
         cases[f"power_iteration[{b}]"] = lambda b=b: F.power_iteration(w, v, n_iters, backend=b)
     moved = n_iters * w.numel() * w.element_size()  # the ideal: one read of W per step
-    title = f"power_iteration {n}x{n} {DTYPE_NAMES[dtype]} ({n_iters} step)"
+    steps = f"{n_iters} step" + ("s" if n_iters > 1 else "")
+    title = f"power_iteration {n}x{n} {DTYPE_NAMES[dtype]} ({steps})"
     return Group(title, "torch_matvec", cases, {}, dict.fromkeys(cases, moved))
 
 

@@ -97,3 +97,25 @@ def peak_bytes(fn: Case, device: torch.device | str) -> int | None:
     fn()
     sync(device)
     return torch.cuda.max_memory_allocated() - base
+
+
+def pytest_cases(groups: list) -> list[tuple[object, str]]:
+    """(group, case name) pairs of ``groups`` for ``pytest.mark.parametrize``."""
+    return [(group, name) for group in groups for name in group.cases]
+
+
+def case_id(value: object) -> str:
+    """Test ids: the group's title, or the case's name."""
+    return getattr(value, "title", str(value))
+
+
+def run_benchmark(benchmark, group, name: str, device: torch.device | str) -> None:
+    """Time one case of ``group`` with pytest-benchmark, GPU work synchronised."""
+    fn = group.cases[name]
+
+    def call() -> None:
+        fn()
+        sync(device)
+
+    benchmark.group = group.title
+    benchmark.pedantic(call, rounds=group.rounds, warmup_rounds=2, iterations=1)

@@ -1,41 +1,16 @@
-"""LipLinear train step (fwd + bwd + SGD) vs nn.Linear and torch's spectral_norm."""
-
-from __future__ import annotations
+"""LipLinear (spectral, per backend; Björck) vs nn.Linear, torch's spectral_norm and deel-torchlip:
+train step, forward and backward, the way a hidden layer trains."""
 
 import pytest
 import torch
-from torch import nn
-from torch.nn.utils.parametrizations import spectral_norm
 
-from crvae_ext import LipLinear
+from .cases import liplinear_groups
+from .harness import case_id, pytest_cases, run_benchmark
 
-BATCH, WIDTH = 256, 1024
-
-
-def _layer(kind: str, width: int) -> nn.Module:
-    if kind == "linear":
-        return nn.Linear(width, width)
-    if kind == "torch_spectral_norm":
-        return spectral_norm(nn.Linear(width, width))
-    method = kind.removeprefix("liplinear_")
-    return LipLinear(width, width, method=method)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GROUPS = liplinear_groups(256, 1024, DEVICE)
 
 
-@pytest.mark.parametrize(
-    "kind", ["linear", "liplinear_spectral", "torch_spectral_norm", "liplinear_bjorck"]
-)
-def test_liplinear_train_step(benchmark, kind):
-    torch.manual_seed(0)
-    layer = _layer(kind, WIDTH)
-    x = torch.randn(BATCH, WIDTH)
-    opt = torch.optim.SGD(layer.parameters(), lr=1e-3)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        layer(x).sum().backward()
-        opt.step()
-
-    benchmark.group = f"liplinear train step B={BATCH} {WIDTH}x{WIDTH} fp32"
-    rounds = 3 if kind == "liplinear_bjorck" else 30
-    benchmark.pedantic(step, rounds=rounds, warmup_rounds=1, iterations=1)
-    assert all(p.grad is not None for p in layer.parameters())
+@pytest.mark.parametrize(("group", "case"), pytest_cases(GROUPS), ids=case_id)
+def test_liplinear(benchmark, group, case):
+    run_benchmark(benchmark, group, case, DEVICE)

@@ -1,36 +1,15 @@
-"""One power-iteration step per backend against two plain matvecs (W v, then W^T t)."""
-
-from __future__ import annotations
+"""power_iteration per backend vs two torch matvecs per step (the reference reads W twice)."""
 
 import pytest
 import torch
 
-from crvae_ext import backends, ops
+from .cases import power_iteration_group
+from .harness import case_id, pytest_cases, run_benchmark
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SIZE = 4096 if DEVICE == "cuda" else 1024
-BACKENDS = [b for b in backends(DEVICE) if DEVICE == "cuda" or b != "triton"]
+GROUPS = [power_iteration_group(n, DEVICE, n_iters=k) for n in (1024, 4096) for k in (1, 10)]
 
 
-def _sync() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
-@pytest.mark.parametrize("kind", ["torch_matvec", *(f"power_iteration_{b}" for b in BACKENDS)])
-def test_power_iteration_step(benchmark, kind):
-    torch.manual_seed(0)
-    w = torch.randn(SIZE, SIZE, device=DEVICE)
-    v = torch.randn(SIZE, device=DEVICE)
-    if kind == "torch_matvec":
-        run = lambda: torch.mv(w.t(), torch.mv(w, v))  # noqa: E731
-    else:
-        backend = kind.removeprefix("power_iteration_")
-        run = lambda: ops.power_iteration(w, v, 1, backend)  # noqa: E731
-
-    def step() -> None:
-        run()
-        _sync()
-
-    benchmark.group = f"power iteration 1 step {SIZE}x{SIZE} fp32 {DEVICE}"
-    benchmark.pedantic(step, rounds=30, warmup_rounds=2, iterations=1)
+@pytest.mark.parametrize(("group", "case"), pytest_cases(GROUPS), ids=case_id)
+def test_power_iteration(benchmark, group, case):
+    run_benchmark(benchmark, group, case, DEVICE)

@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from .cases import vae_step_group
+from .harness import case_id, pytest_cases, run_benchmark
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-GROUP = vae_step_group(128, DEVICE)
+GROUPS = [vae_step_group(128, DEVICE)]
 
 
-@pytest.mark.parametrize("case", list(GROUP.cases))
-def test_vae_step(benchmark, case):
-    benchmark.group = GROUP.title
-    benchmark.pedantic(GROUP.cases[case], rounds=10, warmup_rounds=2, iterations=1)
+@pytest.mark.parametrize(("group", "case"), pytest_cases(GROUPS), ids=case_id)
+def test_vae_step(benchmark, group, case):
+    run_benchmark(benchmark, group, case, DEVICE)

@@ -18,11 +18,29 @@ BACKENDS = ("triton", "cpp", "torch")
 ENV_VAR = "CRVAE_BACKEND"
 _MODULES = {"triton": "crvae_ext._triton", "cpp": "crvae_ext._cpp", "torch": "crvae_ext.reference"}
 _PREFERENCE = {"cuda": ("triton", "cpp", "torch"), "cpu": ("cpp", "torch")}
+_EAGER = {"cpp": "crvae_ext._cpp._eager"}
 
 
 def kernels(name: str) -> ModuleType:
     """The module holding backend ``name``'s kernel functions."""
     return importlib.import_module(_MODULES[name])
+
+
+@functools.cache
+def _eager_module(name: str) -> ModuleType | None:
+    return importlib.import_module(_EAGER[name]) if name in _EAGER else None
+
+
+def eager(name: str) -> ModuleType | None:
+    """Backend ``name``'s eager fast path, if it has one and nothing traces or transforms now.
+
+    It holds ``groupsort``, ``power_iteration`` and ``lip_linear`` as autograd-ready calls of
+    the backend's own kernels, skipping the public ops' Python dispatch; torch.compile, export
+    and functorch transforms always see the public ``crvae_ext::`` ops.
+    """
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return None
+    return _eager_module(name)
 
 
 def check_name(backend: object) -> str | None:

@@ -31,7 +31,11 @@ def groupsort(
         )
     if group_size == 1:
         return x
-    return ops.groupsort(x, group_size, d, _backend.resolve(backend, x.device))
+    name = _backend.resolve(backend, x.device)
+    fast = _backend.eager(name)
+    if fast is not None:
+        return fast.groupsort(x, group_size, d)
+    return ops.groupsort(x, group_size, d, name)
 
 
 def power_iteration(
@@ -52,6 +56,9 @@ def power_iteration(
     if v.device != weight.device:
         raise ValueError(f"v is on {v.device} but weight is on {weight.device}")
     name = _backend.resolve(backend, weight.device)
+    fast = _backend.eager(name)
+    if fast is not None:
+        return fast.power_iteration(weight.detach(), v.detach(), n_iters)
     return ops.power_iteration(weight.detach(), v.detach(), n_iters, name)
 
 
@@ -84,7 +91,11 @@ def lip_linear(
         )
     name = _backend.resolve(backend, x.device)
     flat = x.reshape(-1, in_features)
-    out = ops.lip_linear(flat, weight, bias, scale, u.detach(), v.detach(), lipschitz, name)
+    fast = _backend.eager(name)
+    if fast is not None:
+        out = fast.lip_linear(flat, weight, bias, scale, u.detach(), v.detach(), lipschitz)
+    else:
+        out = ops.lip_linear(flat, weight, bias, scale, u.detach(), v.detach(), lipschitz, name)
     return out.reshape(*x.shape[:-1], out_features)
 
 

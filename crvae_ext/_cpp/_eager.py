@@ -1,0 +1,61 @@
+"""Eager fast path of the cpp backend: its ``crvae_ext_cpp`` ops called directly.
+
+A forward + backward through the public ``crvae_ext::`` custom ops costs about 0.25 ms of
+Python dispatch on this 2-core CPU (the custom_op/triton_op wrappers, forward and backward),
+more than GroupSort's whole kernel time at 256 x 1024. functional.py takes this path in eager
+mode only; torch.compile, export and functorch transforms keep going through the public ops,
+which run the same kernels. groupsort is differentiable through its C++ autograd kernel,
+lip_linear through a plain autograd Function (its step is milliseconds, Python is noise there).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _op, lip_linear_backward
+
+
+class _LipLinear(torch.autograd.Function):
+    """Classic-style Function: the setup_context style binds arguments with inspect per call."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, u, v, lipschitz: float) -> torch.Tensor:
+        out = _op("lip_linear")(x, weight, bias, scale)
+        # y enters the backward only when x needs no gradient (else <grad_x, x> stands in)
+        kept = None if ctx.needs_input_grad[0] else out
+        ctx.save_for_backward(x, weight, bias, scale, u, v, kept)
+        ctx.lipschitz = lipschitz
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, bias, scale, u, v, out = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
+        grads = lip_linear_backward(grad, x, weight, bias, out, scale, u, v, ctx.lipschitz, needs)
+        return *grads, None, None, None, None
+
+
+def groupsort(x: torch.Tensor, group_size: int, dim: int) -> torch.Tensor:
+    """Differentiable groupsort: the op's own autograd kernel (csrc/autograd.cpp) records it."""
+    return _op("groupsort")(x, group_size, dim)
+
+
+def power_iteration(
+    weight: torch.Tensor, v: torch.Tensor, n_iters: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The C++ power iteration, called directly (not differentiable, like the public op)."""
+    sigma, u, v = _op("power_iteration")(weight, v, n_iters)
+    return sigma, u, v
+
+
+def lip_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    lipschitz: float,
+) -> torch.Tensor:
+    """Differentiable y = scale * (x W^T) + b with the analytic backward (eager only)."""
+    return _LipLinear.apply(x, weight, bias, scale, u, v, lipschitz)
