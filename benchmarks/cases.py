@@ -77,10 +77,10 @@ def liplinear_groups(
     torch.manual_seed(0)
     x = torch.randn(batch, width, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(batch, width, device=device, dtype=dtype)
-    layers = {k: m for k in layer_kinds(device) if (m := _layer(k, width, device, dtype))}
     label = f"B={batch} {width}x{width} {DTYPE_NAMES[dtype]}"
     groups = []
-    for phase in phases:
+    for phase in phases:  # fresh layers per phase: a train step must not touch saved graphs
+        layers = {k: m for k in layer_kinds(device) if (m := _layer(k, width, device, dtype))}
         cases, forwards = {}, {}
         for name, layer in layers.items():
             forwards[name] = lambda layer=layer: layer(x)

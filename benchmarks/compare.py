@@ -11,17 +11,20 @@ import argparse
 import json
 import platform
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from . import cases as C
-from .harness import measure, peak_bytes, saved_activation_bytes
+from . import targets
+from .harness import md_cell, measure, peak_bytes, saved_activation_bytes
 
 
 def _environment(device: torch.device) -> dict[str, str]:
     env = {"torch": torch.__version__, "python": platform.python_version()}
+    env["device_type"] = device.type
     try:
         import triton
 
@@ -37,26 +40,36 @@ def _environment(device: torch.device) -> dict[str, str]:
 
     env["crvae_ext"] = crvae_ext.__version__
     env["backends"] = ", ".join(crvae_ext.backends(device))
+    env["peak_bandwidth_GBs"] = targets.peak_bandwidth_gbs(device)
     return env
 
 
-def groups(device: torch.device, full: bool) -> list[C.Group]:
-    """The quick or full set of groups for ``device``."""
+def groups(device: torch.device, full: bool, only: list[str] | None = None) -> Iterator[C.Group]:
+    """The quick or full set of groups for ``device``, built one at a time as they are run;
+    with ``only``, just those whose title starts with one of its prefixes (others not built)."""
     cuda = device.type == "cuda"
     dtypes = [torch.float32, torch.bfloat16] if cuda and full else [torch.float32]
     shapes = [(b, w) for b in (32, 256, 4096) for w in (256, 1024, 4096)] if full else [(256, 1024)]
-    out: list[C.Group] = []
+    plan: list[tuple[str, Callable[..., C.Group | list[C.Group]], tuple]] = []
     for dtype in dtypes:
         for batch, width in shapes:
             phases = ("train", "forward", "backward") if full or width == 1024 else ("train",)
-            out += C.liplinear_groups(batch, width, device, dtype, phases)
+            plan.append(("liplinear", C.liplinear_groups, (batch, width, device, dtype, phases)))
         gs_shapes = [(256, 1024), (1024, 4096)] + ([(4096, 4096)] if cuda else [])
-        out += [C.groupsort_group(r, c, device, dtype) for r, c in gs_shapes]
-        out += [C.power_iteration_group(n, device, dtype) for n in (1024, 4096)]
-    out.append(C.vae_step_group(128, device))
-    out.append(C.certify_group(1000, device))
-    out.append(C.attack_group(8 if full else 4, 1.0, device))
-    return out
+        plan += [("groupsort", C.groupsort_group, (r, c, device, dtype)) for r, c in gs_shapes]
+        plan += [
+            ("power_iteration", C.power_iteration_group, (n, device, dtype)) for n in (1024, 4096)
+        ]
+    plan.append(("vae_step", C.vae_step_group, (128, device)))
+    plan.append(("certify", C.certify_group, (1000, device)))
+    plan.append(("attack", C.attack_group, (8 if full else 4, 1.0, device)))
+    for kind, factory, args in plan:
+        if only and not any(p.startswith(kind) or kind.startswith(p) for p in only):
+            continue
+        made = factory(*args)
+        for group in made if isinstance(made, list) else [made]:
+            if not only or any(group.title.startswith(p) for p in only):
+                yield group
 
 
 def run_group(group: C.Group, device: torch.device, rounds: int | None) -> list[dict]:
@@ -96,7 +109,7 @@ def markdown(rows: list[dict], env: dict[str, str]) -> str:
         time_text = f"{ms:.3f} ms" if ms < 1000 else f"{ms / 1e3:.2f} s"
         ratio = f"**{r['ratio']:.3f}x**" if r["case"] != r["baseline"] else "1 (baseline)"
         gbps = "-" if r["gbps"] is None else f"{r['gbps']:.1f}"
-        lines.append(f"| {r['group']} | {r['case']} | {time_text} | {ratio} | "
+        lines.append(f"| {md_cell(r['group'])} | {r['case']} | {time_text} | {ratio} | "
                      f"{_mb(r['saved_bytes'])} | {_mb(r['peak_bytes'])} | {gbps} |")  # fmt: skip
     return "\n".join(lines)
 
@@ -109,24 +122,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="override every group's number of rounds")
     parser.add_argument("--json", type=Path, help="write the raw numbers here")
     parser.add_argument("--out", type=Path, help="write the markdown table here")
+    parser.add_argument("--render", type=Path, help="only re-render a saved --json report")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    env = _environment(device)
-    rows: list[dict] = []
-    for group in groups(device, args.full):
-        if args.only and not any(group.title.startswith(p) for p in args.only):
-            continue
-        print(f"measuring {group.title} ...", file=sys.stderr, flush=True)
-        rows += run_group(group, device, args.rounds)
-    text = markdown(rows, env)
+    if args.render:
+        report = json.loads(args.render.read_text())
+    else:
+        report = measure_all(torch.device(args.device), args.full, args.only, args.rounds)
+    text = render(report)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps(report, indent=2))
     return 0
+
+
+def measure_all(device: torch.device, full: bool, only: list[str] | None, rounds: int | None):
+    """The report of one run: environment, one row per case, the targets' verdicts."""
+    env = _environment(device)
+    rows: list[dict] = []
+    for group in groups(device, full, only):
+        print(f"measuring {group.title} ...", file=sys.stderr, flush=True)
+        rows += run_group(group, device, rounds)
+    judged = targets.verdicts(rows, env["device_type"], env["peak_bandwidth_GBs"])
+    return {"environment": env, "rows": rows, "targets": judged}
+
+
+def render(report: dict) -> str:
+    """The markdown of a report: the table, then the targets it judged."""
+    env = report["environment"]
+    text = markdown(report["rows"], env)
+    judged = targets.verdicts(report["rows"], env["device_type"], env["peak_bandwidth_GBs"])
+    if judged:
+        text += "\n\nPerformance targets of the issues, judged on this run:\n\n"
+        text += targets.markdown(judged)
+    return text
 
 
 if __name__ == "__main__":

@@ -73,11 +73,12 @@ def measure(
 
 
 def saved_activation_bytes(forward: Callable[[], torch.Tensor]) -> int:
-    """Bytes of the tensors autograd saves for backward in one forward, parameters excluded."""
+    """Bytes of the tensors autograd saves for backward in one forward: the input and every
+    activation count, parameters (and views of them, such as W^T) do not."""
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if not (t.is_leaf and t.requires_grad):
+        if not isinstance(t if t._base is None else t._base, torch.nn.Parameter):
             storage = t.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
         return t
@@ -119,3 +120,8 @@ def run_benchmark(benchmark, group, name: str, device: torch.device | str) -> No
 
     benchmark.group = group.title
     benchmark.pedantic(call, rounds=group.rounds, warmup_rounds=2, iterations=1)
+
+
+def md_cell(value: object) -> str:
+    """Text for one markdown table cell ("|" escaped, as in a title like "|d| <= 1")."""
+    return str(value).replace("|", "\\|")
