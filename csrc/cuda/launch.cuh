@@ -1,4 +1,4 @@
-// Launch helpers shared by the CUDA kernels (kept free of ATen/cuda/CUDAContext.h, which pulls
+// Launch and reduction helpers shared by the CUDA kernels (kept free of ATen/cuda/CUDAContext.h, which pulls
 // in cuSPARSE/cuBLAS headers that these kernels do not need).
 #pragma once
 
@@ -21,5 +21,15 @@ inline int grid_for(int64_t work, int threads) {
 }
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// Sum over a full warp; lane 0 ends with the total.
+template <typename A>
+__device__ __forceinline__ A warp_sum(A value) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    value += __shfl_down_sync(0xffffffffu, value, offset);
+  }
+  return value;
+}
 
 }  // namespace crvae_ext_cpp

@@ -54,15 +54,6 @@ __global__ void scale_bias(T* __restrict__ y, int64_t rows, int64_t cols,
   }
 }
 
-template <typename A>
-__device__ __forceinline__ A warp_sum(A value) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    value += __shfl_down_sync(0xffffffffu, value, offset);
-  }
-  return value;
-}
-
 // g = grad * scale, elementwise over dense tensors.
 template <typename T>
 __global__ void scale_grad(const T* __restrict__ grad, int64_t n, const Acc<T>* __restrict__ scale,

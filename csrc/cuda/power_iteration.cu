@@ -26,15 +26,6 @@ constexpr int kRowsPerWarp = 4;
 constexpr int kTile = kWarps * kRowsPerWarp;
 constexpr double kEps = 1e-12;  // as reference.power_iteration
 
-template <typename A>
-__device__ __forceinline__ A warp_sum(A value) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    value += __shfl_down_sync(0xffffffffu, value, offset);
-  }
-  return value;
-}
-
 // Sum over the block; every thread gets the total. `scratch` holds one value per warp.
 template <typename A>
 __device__ A block_sum(A value, A* scratch) {
