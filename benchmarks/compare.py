@@ -85,6 +85,7 @@ def run_group(group: C.Group, device: torch.device, rounds: int | None) -> list[
             **asdict(m), "ratio": m.median_s / base, "saved_bytes": saved,
             "peak_bytes": peak_bytes(group.cases[name], device),
             "gbps": moved / m.median_s / 1e9 if moved else None, "note": group.notes.get(name),
+            "items_per_s": group.items / m.median_s if group.items else None,
         })  # fmt: skip
     return rows
 
@@ -111,7 +112,10 @@ def markdown(rows: list[dict], env: dict[str, str]) -> str:
         gbps = "-" if r["gbps"] is None else f"{r['gbps']:.1f}"
         lines.append(f"| {md_cell(r['group'])} | {r['case']} | {time_text} | {ratio} | "
                      f"{_mb(r['saved_bytes'])} | {_mb(r['peak_bytes'])} | {gbps} |")  # fmt: skip
-    return "\n".join(lines)
+    notes = [f"- {md_cell(r['group'])}, {r['case']}: {r['note']}" for r in rows if r.get("note")]
+    notes += [f"- {md_cell(r['group'])}, {r['case']}: {r['items_per_s']:.0f} inputs/s"
+              for r in rows if r.get("items_per_s")]  # fmt: skip
+    return "\n".join(lines + (["", *notes] if notes else []))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,8 +82,13 @@ def lip_linear(
     out_features, in_features = weight.shape
     if bias is not None and bias.shape != (out_features,):
         raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    for name, t in (("scale", scale), ("u", u), ("v", v)):
+        _checks.float_tensor(name, t)
     if scale.dim() != 0 or scale.requires_grad:
         raise ValueError("scale must be a 0-d tensor that does not require grad")
+    for name, t in (("weight", weight), ("bias", bias), ("scale", scale), ("u", u), ("v", v)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     if u.shape != (out_features,) or v.shape != (in_features,):
         raise ValueError(
             f"u, v must have shapes ({out_features},), ({in_features},); "

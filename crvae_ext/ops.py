@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend
+from . import _backend, reference
 
 try:
     import triton  # noqa: F401
@@ -105,9 +105,15 @@ def _lip_linear_grad(ctx, grad):
     """Analytic backward with sigma = u^T W v (u, v constant): no normalised copy of W."""
     x, weight, bias, scale, u, v, out = ctx.saved_tensors
     lipschitz, backend = ctx.args
-    grads = _backend.kernels(backend).lip_linear_backward(
-        grad, x, weight, bias, out, scale, u, v, lipschitz, tuple(ctx.needs_input_grad[:3])
-    )
+    needs = tuple(ctx.needs_input_grad[:3])
+    if torch.is_grad_enabled():  # create_graph: gradients that differentiate again
+        grads = reference.lip_linear_backward_differentiable(
+            grad, x, weight, bias, u, v, lipschitz, needs
+        )
+    else:
+        grads = _backend.kernels(backend).lip_linear_backward(
+            grad, x, weight, bias, out, scale, u, v, lipschitz, needs
+        )
     return *grads, None, None, None, None, None
 
 

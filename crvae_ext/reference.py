@@ -104,6 +104,35 @@ def lip_linear_backward(
     return grad_x, grad_w, grad_bias if need_b else None
 
 
+def lip_linear_backward_differentiable(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    lipschitz: float,
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The gradients of ``lip_linear_backward`` as a graph of the formula k x W^T / (u^T W v) + b
+    itself, so that they differentiate again (gradient penalties, Hessian-vector products):
+    the analytic kernels are first order only. Used when a backward runs with create_graph."""
+    acc = _accumulate_dtype(x.dtype)
+    wanted = [(i, t) for i, t in enumerate((x, weight, bias)) if needs[i] and t is not None]
+    with torch.enable_grad():
+        sigma = torch.dot(u.to(acc), weight.to(acc) @ v.to(acc))
+        out = (x @ weight.t()).to(acc) * (lipschitz / sigma)
+        if bias is not None:
+            out = out + bias.to(acc)
+        found = torch.autograd.grad(
+            out.to(x.dtype), [t for _, t in wanted], grad, create_graph=True, allow_unused=True
+        )
+    grads: list[torch.Tensor | None] = [None, None, None]
+    for (i, t), g in zip(wanted, found, strict=True):
+        grads[i] = torch.zeros_like(t) if g is None else g
+    return grads[0], grads[1], grads[2]
+
+
 def spectral_norm_exact(weight: torch.Tensor) -> float:
     """Largest singular value of ``weight`` from a float64 SVD: the ground truth."""
     return float(torch.linalg.matrix_norm(weight.detach().to("cpu", torch.float64), ord=2))

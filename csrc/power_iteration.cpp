@@ -166,9 +166,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_cpu(const at::Ten
               ", got shape ", v_in.sizes());
   TORCH_CHECK(n_iters >= 1, "power_iteration: n_iters must be >= 1, got ", n_iters);
   const int64_t m = weight_in.size(0), n = weight_in.size(1);
-  const bool rows_dense = weight_in.stride(1) == 1 || n <= 1;
+  // Rows read in place only when each is dense and none overlaps the next (an expanded weight
+  // has row stride 0); anything else is copied once.
+  const bool rows_dense =
+      (n <= 1 || weight_in.stride(1) == 1) && (m <= 1 || weight_in.stride(0) >= n);
   const at::Tensor weight = rows_dense ? weight_in : weight_in.contiguous();
-  const int64_t ld = std::max<int64_t>(weight.stride(0), 1);
+  const int64_t ld = weight.stride(0);
   std::vector<double> v = to_doubles(v_in), u(static_cast<size_t>(m));
   double sigma = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(

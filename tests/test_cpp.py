@@ -163,6 +163,15 @@ def test_power_iteration_layouts_and_zero_weight():
     for weight in (w, column_major, padded_rows):
         for got, expected in zip(_cpp.power_iteration(weight, v, 4), want, strict=True):
             torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    # rows that alias each other (row stride 0 or < n) are read as the values they show
+    expanded = torch.randn(1, 70, dtype=torch.float64).expand(40, 70)
+    overlapping = torch.randn(40 * 9 + 70, dtype=torch.float64).as_strided((40, 70), (9, 1))
+    column = torch.randn(1, 1, dtype=torch.float64).expand(3, 1)
+    for weight in (expanded, overlapping, column):
+        vw = v[: weight.shape[1]]
+        want = reference.power_iteration(weight.contiguous(), vw, 4)
+        for got, expected in zip(_cpp.power_iteration(weight, vw, 4), want, strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
     zero, v3 = torch.zeros(5, 3), torch.randn(3)
     for got, expected in zip(
         _cpp.power_iteration(zero, v3, 2), reference.power_iteration(zero, v3, 2), strict=True
@@ -328,11 +337,13 @@ def test_cuda_groupsort_matches_reference(name, shape, group_size, dim, make, dt
 def test_cuda_power_iteration_matches_reference(shape, dtype):
     w = torch.randn(shape).to(dtype)
     v = torch.randn(shape[1]).to(dtype)
-    got = _cpp.power_iteration(w.cuda(), v.cuda(), 5)
-    want = reference.power_iteration(w.double(), v.double(), 5)
     rtol = 1e-12 if dtype == torch.float64 else 2e-5
-    for g, e in zip(got, want, strict=True):
-        torch.testing.assert_close(g.cpu().double(), e, rtol=rtol, atol=rtol)
+    expanded = w[:1].expand(shape)  # aliased rows (row stride 0)
+    for weight in (w, expanded):
+        got = _cpp.power_iteration(weight.cuda(), v.cuda(), 5)
+        want = reference.power_iteration(weight.double().contiguous(), v.double(), 5)
+        for g, e in zip(got, want, strict=True):
+            torch.testing.assert_close(g.cpu().double(), e, rtol=rtol, atol=rtol)
 
 
 @pytest.mark.gpu

@@ -89,6 +89,40 @@ def test_failed_build_warns_once_and_falls_back(tmp_path):
     assert result["forward_ok"] and result["backward_ok"]
 
 
+THREADS = """
+import json, threading, time, warnings
+from crvae_ext import _cpp
+calls = []
+
+def failing_build():
+    calls.append(1)
+    time.sleep(0.5)
+    raise RuntimeError("no compiler here")
+
+_cpp._jit_build = failing_build
+_cpp._build.aot_library = lambda: None
+reasons = []
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    threads = [threading.Thread(target=lambda: reasons.append(_cpp._load())) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+print(json.dumps({"calls": len(calls), "warnings": len(caught), "reasons": reasons}))
+"""
+
+
+def test_concurrent_first_use_builds_once():
+    env = {k: v for k, v in os.environ.items() if k != "CRVAE_NO_CPP"}
+    done = subprocess.run([sys.executable, "-c", THREADS], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["calls"] == 1 and result["warnings"] == 1
+    assert len(set(result["reasons"])) == 1 and "no compiler here" in result["reasons"][0]
+
+
 def test_build_directory_keyed_by_sources_flags_and_versions(tmp_path, monkeypatch):
     root = tmp_path / "csrc"
     shutil.copytree(_build.source_dir(), root)

@@ -91,3 +91,16 @@ def test_lip_linear_scale_must_not_require_grad():
     scale = torch.tensor(1.0, requires_grad=True)
     with pytest.raises(ValueError, match="scale must be a 0-d tensor that does not require grad"):
         F.lip_linear(torch.randn(2, 4), w, None, scale, torch.randn(3), torch.randn(4), 1.0)
+
+
+def test_lip_linear_argument_dtypes_and_devices():
+    x, w, u, v = torch.randn(2, 4), torch.randn(3, 4), torch.randn(3), torch.randn(4)
+    with pytest.raises(TypeError, match="scale must be a floating-point tensor"):
+        F.lip_linear(x, w, None, torch.tensor(2), u, v, 1.0)
+    with pytest.raises(TypeError, match="u must be a floating-point tensor"):
+        F.lip_linear(x, w, None, torch.tensor(2.0), u.long(), v, 1.0)
+    meta = torch.empty(3, device="meta")
+    with pytest.raises(ValueError, match="bias is on meta but x is on cpu"):
+        F.lip_linear(x, w, meta, torch.tensor(2.0), u, v, 1.0)
+    with pytest.raises(ValueError, match="v is on meta but x is on cpu"):
+        F.lip_linear(x, w, None, torch.tensor(2.0), u, v.to("meta"), 1.0)

@@ -7,8 +7,9 @@ import torch
 from helpers import lipschitz_ascent, naive_lip_linear
 from torch import nn
 
+import crvae_ext
 import crvae_ext.functional as F
-from crvae_ext import LipLinear, reference
+from crvae_ext import LipLinear, ops, reference
 
 SHAPES = {"square": (48, 48), "tall": (64, 24), "wide": (24, 64)}
 
@@ -76,6 +77,46 @@ def test_analytic_backward_gradcheck(bias):
     )
     for a, e in zip(ours, naive, strict=True):
         assert torch.allclose(a, e, rtol=1e-10, atol=1e-12)
+
+
+CPU_BACKENDS = [b for b in crvae_ext.backends("cpu") if b != "triton"]
+
+
+@pytest.mark.parametrize("public_op", [False, True], ids=["functional", "public_op"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_double_backward_gradgradcheck(backend, public_op):
+    """Second derivatives (gradient penalties) through the op, any backend, vs finite
+    differences of the whole formula (the scale is recomputed from W at every probe)."""
+    torch.manual_seed(0)
+    w = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    _, u, v = reference.power_iteration(w, torch.ones(7, dtype=torch.float64) / 7**0.5, 50)
+
+    def f(x, w, b):
+        scale = (1.7 / torch.dot(u, w @ v)).detach()
+        if public_op:
+            return ops.lip_linear(x, w, b, scale, u, v, 1.7, backend)
+        return F.lip_linear(x, w, b, scale, u, v, 1.7, backend=backend)
+
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gradient_penalty_through_module_matches_naive_formula(backend):
+    layer = _gaussian_layer((6, 9), 1.5, backend=backend).double()
+    x = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    gx.square().sum().backward()  # the penalty's gradient reaches W, b and x
+    w = layer.weight.detach().clone().requires_grad_(True)
+    b = layer.bias.detach().clone().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    (gx2,) = torch.autograd.grad(
+        naive_lip_linear(x2, w, b, layer.u, layer.v, 1.5).square().sum(), x2, create_graph=True
+    )
+    expected = torch.autograd.grad(gx2.square().sum(), [x2, w, b])
+    for got, e in zip((x.grad, layer.weight.grad, layer.bias.grad), expected, strict=True):
+        torch.testing.assert_close(got, e, rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize("method", ["spectral", "bjorck"])

@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import re
+import threading
 import warnings
 
 import torch
@@ -61,9 +62,18 @@ def _jit_build() -> None:
     _build.jit_build(with_cuda=False)
 
 
-@functools.cache
+_LOAD_LOCK = threading.Lock()
+
+
 def _load() -> str | None:
-    """Load the library once: None when its ops are registered, else why not (warned once)."""
+    """Load the library once: None when its ops are registered, else why not (warned once).
+    Threads that ask at the same time wait for the one build."""
+    with _LOAD_LOCK:
+        return _load_once()
+
+
+@functools.cache
+def _load_once() -> str | None:
     if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
         return f"disabled by ${DISABLE_ENV}"
     try:

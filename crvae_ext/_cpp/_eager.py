@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import reference
 from . import _op, lip_linear_backward
 
 
@@ -31,7 +32,14 @@ class _LipLinear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, weight, bias, scale, u, v, out = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
-        grads = lip_linear_backward(grad, x, weight, bias, out, scale, u, v, ctx.lipschitz, needs)
+        if torch.is_grad_enabled():  # create_graph: gradients that differentiate again
+            grads = reference.lip_linear_backward_differentiable(
+                grad, x, weight, bias, u, v, ctx.lipschitz, needs
+            )
+        else:
+            grads = lip_linear_backward(
+                grad, x, weight, bias, out, scale, u, v, ctx.lipschitz, needs
+            )
         return *grads, None, None, None, None
 
 

@@ -108,8 +108,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_cuda(const at::Te
   TORCH_CHECK(n_iters >= 1, "power_iteration: n_iters must be >= 1, got ", n_iters);
   const c10::cuda::CUDAGuard guard(weight_in.device());
   const int64_t m = weight_in.size(0), n = weight_in.size(1);
-  const at::Tensor weight = weight_in.stride(1) == 1 || n <= 1 ? weight_in : weight_in.contiguous();
-  const int64_t ld = std::max<int64_t>(weight.stride(0), 1);
+  // Rows read in place only when each is dense and none overlaps the next (an expanded weight
+  // has row stride 0); anything else is copied once.
+  const bool rows_dense =
+      (n <= 1 || weight_in.stride(1) == 1) && (m <= 1 || weight_in.stride(0) >= n);
+  const at::Tensor weight = rows_dense ? weight_in : weight_in.contiguous();
+  const int64_t ld = weight.stride(0);
   const auto acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto options = weight.options().dtype(acc);
   at::Tensor v = v_in.to(options, /*non_blocking=*/false, /*copy=*/true).contiguous();
