@@ -132,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         report = json.loads(args.render.read_text())
     else:
         report = measure_all(torch.device(args.device), args.full, args.only, args.rounds)
+    env = report["environment"]  # verdicts re-judged on --render too, by today's targets
+    report["targets"] = targets.verdicts(
+        report["rows"], env["device_type"], env["peak_bandwidth_GBs"]
+    )
     text = render(report)
     print(text)
     if args.out:
@@ -144,24 +148,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def measure_all(device: torch.device, full: bool, only: list[str] | None, rounds: int | None):
-    """The report of one run: environment, one row per case, the targets' verdicts."""
+    """The report of one run: environment and one row per case (``main`` adds the verdicts)."""
     env = _environment(device)
     rows: list[dict] = []
     for group in groups(device, full, only):
         print(f"measuring {group.title} ...", file=sys.stderr, flush=True)
         rows += run_group(group, device, rounds)
-    judged = targets.verdicts(rows, env["device_type"], env["peak_bandwidth_GBs"])
-    return {"environment": env, "rows": rows, "targets": judged}
+    return {"environment": env, "rows": rows}
 
 
 def render(report: dict) -> str:
     """The markdown of a report: the table, then the targets it judged."""
-    env = report["environment"]
-    text = markdown(report["rows"], env)
-    judged = targets.verdicts(report["rows"], env["device_type"], env["peak_bandwidth_GBs"])
-    if judged:
+    text = markdown(report["rows"], report["environment"])
+    if report["targets"]:
         text += "\n\nPerformance targets of the issues, judged on this run:\n\n"
-        text += targets.markdown(judged)
+        text += targets.markdown(report["targets"])
     return text
 
 

@@ -66,6 +66,14 @@ def _bench(fn: Callable[[], object], device: str) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def peak_bandwidth_gbs(props) -> float | None:
+    """Peak memory bandwidth (GB/s) of a CUDA device from its properties: DDR memory clock
+    times bus width; None when the driver reports neither."""
+    clock_khz = getattr(props, "memory_clock_rate", 0)
+    bus_bits = getattr(props, "memory_bus_width", 0)
+    return round(2 * clock_khz * 1e3 * bus_bits / 8 / 1e9, 1) or None
+
+
 def environment(device: str) -> dict:
     """GPU, versions and the peak HBM bandwidth (from the memory clock and bus width)."""
     torch = _torch()
@@ -94,9 +102,7 @@ def environment(device: str) -> dict:
         memory_GiB=round(props.total_memory / 2**30, 1),
         l2_MiB=round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
     )
-    clock_khz = getattr(props, "memory_clock_rate", 0)
-    bus_bits = getattr(props, "memory_bus_width", 0)
-    env["peak_bandwidth_GBs"] = round(2 * clock_khz * 1e3 * bus_bits / 8 / 1e9, 1) or None
+    env["peak_bandwidth_GBs"] = peak_bandwidth_gbs(props)
     try:
         smi = subprocess.run(
             ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],

@@ -106,8 +106,8 @@ def pytest_cases(groups: list) -> list[tuple[object, str]]:
 
 
 def case_id(value: object) -> str:
-    """Test ids: the group's title, or the case's name."""
-    return getattr(value, "title", str(value))
+    """Test ids: the case's name, or the group's title."""
+    return value if isinstance(value, str) else value.title
 
 
 def run_benchmark(benchmark, group, name: str, device: torch.device | str) -> None:
@@ -119,6 +119,7 @@ def run_benchmark(benchmark, group, name: str, device: torch.device | str) -> No
         sync(device)
 
     benchmark.group = group.title
+    benchmark.extra_info["baseline"] = name == group.baseline  # read by conftest's summary
     benchmark.pedantic(call, rounds=group.rounds, warmup_rounds=2, iterations=1)
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import gpu_check
 from .harness import md_cell
 
 
@@ -55,13 +56,10 @@ TARGETS = (
 
 
 def peak_bandwidth_gbs(device: torch.device) -> float | None:
-    """A CUDA device's peak memory bandwidth from its memory clock and bus width (else None)."""
+    """A CUDA device's peak memory bandwidth in GB/s (None elsewhere)."""
     if device.type != "cuda":
         return None
-    props = torch.cuda.get_device_properties(device)
-    clock_khz = getattr(props, "memory_clock_rate", 0)
-    bus_bits = getattr(props, "memory_bus_width", 0)
-    return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9 or None
+    return gpu_check.peak_bandwidth_gbs(torch.cuda.get_device_properties(device))
 
 
 def verdicts(rows: list[dict], device_type: str, peak: float | None) -> list[dict]:

@@ -4,22 +4,15 @@ import pytest
 import torch
 
 from .cases import attack_group, attack_strength, certify_group
+from .harness import case_id, pytest_cases, run_benchmark
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GROUPS = [certify_group(1000, DEVICE), attack_group(4, 1.0, DEVICE)]
 
 
-@pytest.mark.parametrize("case", ["encode", "certify"])
-def test_certify(benchmark, case):
-    group = certify_group(1000, DEVICE)
-    benchmark.group = group.title
-    benchmark.pedantic(group.cases[case], rounds=5, warmup_rounds=1, iterations=1)
-
-
-@pytest.mark.parametrize("case", ["lbfgsb_per_image", "max_damage_batched"])
-def test_attack(benchmark, case):
-    group = attack_group(4, 1.0, DEVICE)
-    benchmark.group = group.title
-    benchmark.pedantic(group.cases[case], rounds=2, warmup_rounds=0, iterations=1)
+@pytest.mark.parametrize(("group", "case"), pytest_cases(GROUPS), ids=case_id)
+def test_certify(benchmark, group, case):
+    run_benchmark(benchmark, group, case, DEVICE)
 
 
 def test_attack_strength_is_at_least_the_peers():

@@ -7,9 +7,13 @@ torch.compile can see the Triton kernels inside; else plain ``custom_op``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from . import _backend, reference
+
+Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 
 try:
     import triton  # noqa: F401
@@ -68,7 +72,7 @@ def _(grad, x, group_size, dim, backend):
 
 @power_iteration.register_fake
 def _(weight, v, n_iters, backend):
-    acc = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+    acc = reference.accumulate_dtype(weight.dtype)
     return (
         weight.new_empty((), dtype=acc),
         weight.new_empty(weight.shape[0], dtype=acc),
@@ -106,15 +110,31 @@ def _lip_linear_grad(ctx, grad):
     x, weight, bias, scale, u, v, out = ctx.saved_tensors
     lipschitz, backend = ctx.args
     needs = tuple(ctx.needs_input_grad[:3])
-    if torch.is_grad_enabled():  # create_graph: gradients that differentiate again
-        grads = reference.lip_linear_backward_differentiable(
+    first_order = _backend.kernels(backend).lip_linear_backward
+    grads = lip_linear_grads(first_order, grad, x, weight, bias, out, scale, u, v, lipschitz, needs)
+    return *grads, None, None, None, None, None
+
+
+def lip_linear_grads(
+    first_order: Callable[..., Grads],
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor | None,
+    scale: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    lipschitz: float,
+    needs: tuple[bool, bool, bool],
+) -> Grads:
+    """A backend's first-order ``lip_linear_backward``, or under create_graph (grad mode on in a
+    backward) gradients that differentiate again; shared by every autograd path of lip_linear."""
+    if torch.is_grad_enabled():
+        return reference.lip_linear_backward_differentiable(
             grad, x, weight, bias, u, v, lipschitz, needs
         )
-    else:
-        grads = _backend.kernels(backend).lip_linear_backward(
-            grad, x, weight, bias, out, scale, u, v, lipschitz, needs
-        )
-    return *grads, None, None, None, None, None
+    return first_order(grad, x, weight, bias, out, scale, u, v, lipschitz, needs)
 
 
 lip_linear.register_autograd(_lip_linear_grad, setup_context=_lip_linear_setup)

@@ -11,7 +11,7 @@ import torch
 _EPS = 1e-12
 
 
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp16/bf16 accumulate in fp32; fp32 and fp64 keep their own precision."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -42,7 +42,7 @@ def power_iteration(
     Returns (sigma, u, v) with sigma = |W^T u| = u^T W v for the returned pair: a lower bound on
     the spectral norm, never to be used in a certificate.
     """
-    acc = _accumulate_dtype(weight.dtype)
+    acc = accumulate_dtype(weight.dtype)
     w = weight.detach().to(acc)
     v = v.detach().to(acc)
     u = torch.empty(w.shape[0], dtype=acc, device=w.device)
@@ -64,7 +64,7 @@ def lip_linear(
     The scale (fp32, or fp64) is applied in its own precision, never rounded to fp16/bf16:
     the Lipschitz bound is computed with exactly that factor.
     """
-    acc = _accumulate_dtype(x.dtype)
+    acc = accumulate_dtype(x.dtype)
     out = torch.mm(x, weight.t()).to(acc).mul_(scale.to(acc))
     if bias is not None:
         out = out.add_(bias.to(acc))
@@ -90,7 +90,7 @@ def lip_linear_backward(
     """
     need_x, need_w, need_b = needs
     grad_bias = grad.sum(0) if bias is not None and (need_b or need_w) else None
-    acc = _accumulate_dtype(grad.dtype)
+    acc = accumulate_dtype(grad.dtype)
     g = (grad.to(acc) * scale.to(acc)).to(grad.dtype)
     grad_x = torch.mm(g, weight) if need_x else None
     grad_w = None
@@ -117,7 +117,7 @@ def lip_linear_backward_differentiable(
     """The gradients of ``lip_linear_backward`` as a graph of the formula k x W^T / (u^T W v) + b
     itself, so that they differentiate again (gradient penalties, Hessian-vector products):
     the analytic kernels are first order only. Used when a backward runs with create_graph."""
-    acc = _accumulate_dtype(x.dtype)
+    acc = accumulate_dtype(x.dtype)
     wanted = [(i, t) for i, t in enumerate((x, weight, bias)) if needs[i] and t is not None]
     with torch.enable_grad():
         sigma = torch.dot(u.to(acc), weight.to(acc) @ v.to(acc))

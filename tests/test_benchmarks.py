@@ -67,9 +67,15 @@ def test_compare_runs_one_group_and_writes_reports(tmp_path):
         assert [t["issue"] for t in report["targets"]] == [4]
 
 
-def test_pytest_benchmark_files_run(tmp_path):
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+def test_pytest_benchmark_files_run_and_print_ratios():
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
            "benchmarks/test_power_iteration.py", "-k", "1024x1024 and not steps"]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert " passed" in done.stdout
+    summary = done.stdout.split("median time / baseline", 1)[1]
+    assert (
+        "baseline test_power_iteration[power_iteration 1024x1024 fp32 (1 step)-torch_matvec]"
+        in summary
+    )
+    assert "-power_iteration[torch]]" in summary

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from .. import reference
-from . import _op, lip_linear_backward
+from ..ops import lip_linear_grads
+from . import _op, groupsort, lip_linear_backward, power_iteration
+
+# groupsort and power_iteration are the backend's own calls; only lip_linear needs a Function here
+__all__ = ["groupsort", "lip_linear", "power_iteration"]
 
 
 class _LipLinear(torch.autograd.Function):
@@ -32,28 +35,10 @@ class _LipLinear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, weight, bias, scale, u, v, out = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
-        if torch.is_grad_enabled():  # create_graph: gradients that differentiate again
-            grads = reference.lip_linear_backward_differentiable(
-                grad, x, weight, bias, u, v, ctx.lipschitz, needs
-            )
-        else:
-            grads = lip_linear_backward(
-                grad, x, weight, bias, out, scale, u, v, ctx.lipschitz, needs
-            )
+        grads = lip_linear_grads(
+            lip_linear_backward, grad, x, weight, bias, out, scale, u, v, ctx.lipschitz, needs
+        )
         return *grads, None, None, None, None
-
-
-def groupsort(x: torch.Tensor, group_size: int, dim: int) -> torch.Tensor:
-    """Differentiable groupsort: the op's own autograd kernel (csrc/autograd.cpp) records it."""
-    return _op("groupsort")(x, group_size, dim)
-
-
-def power_iteration(
-    weight: torch.Tensor, v: torch.Tensor, n_iters: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The C++ power iteration, called directly (not differentiable, like the public op)."""
-    sigma, u, v = _op("power_iteration")(weight, v, n_iters)
-    return sigma, u, v
 
 
 def lip_linear(

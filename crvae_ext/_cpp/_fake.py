@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from ..reference import accumulate_dtype
 from ._build import LIBRARY_NAME
-
-
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.register_fake(f"{LIBRARY_NAME}::groupsort")
@@ -26,7 +23,7 @@ def _groupsort_backward(grad, x, group_size, dim):
 
 @torch.library.register_fake(f"{LIBRARY_NAME}::power_iteration")
 def _power_iteration(weight, v, n_iters):
-    acc = _accumulate_dtype(weight.dtype)
+    acc = accumulate_dtype(weight.dtype)
     return (
         weight.new_empty((), dtype=acc),
         weight.new_empty(weight.shape[0], dtype=acc),

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import accumulate_dtype
 from . import _common
 
 GEMM = "cublas"
@@ -221,7 +222,7 @@ def lip_linear(
 def _reductions(grad, out, bias, scale, write_g: bool, need_dot: bool):
     """The backward's one elementwise pass: (g or None, per-split column sums, partial dots)."""
     rows, cols = grad.shape
-    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    acc = accumulate_dtype(grad.dtype)
     splits = _SPLITS
     rows_per_split = triton.cdiv(triton.cdiv(rows, splits), _TILE_ROWS) * _TILE_ROWS
     col_blocks = triton.cdiv(cols, _TILE_COLS)

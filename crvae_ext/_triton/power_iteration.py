@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import accumulate_dtype
 from . import _common
 
 SMALL_WEIGHT = 16384  # padded elements up to which every step runs in one program
@@ -148,10 +149,6 @@ def _power_iteration_finish_kernel(t_ptr, tsq_ptr, n_tsq, s_ptr, ssq_ptr, n_ssq,
         tl.store(sigma_ptr, sigma)
 
 
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _small(weight, v, n_iters, outputs) -> None:
     sigma, u, v_out = outputs
     m, n = (int(size) for size in weight.shape)
@@ -200,7 +197,7 @@ def power_iteration(
     if not _common.runs_here(weight.device):
         return _common.delegate(weight.device).power_iteration(weight, v, n_iters)
     m, n = (int(size) for size in weight.shape)  # block sizes are compile-time constants
-    acc = _accumulate_dtype(weight.dtype)
+    acc = accumulate_dtype(weight.dtype)
     if n_iters <= 0 or weight.numel() == 0:
         return _common.delegate(weight.device).power_iteration(weight, v, n_iters)
     sigma = torch.empty((), dtype=acc, device=weight.device)

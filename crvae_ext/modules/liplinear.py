@@ -133,11 +133,6 @@ class LipLinear(nn.Module):
         """``steps`` power-iteration steps; the buffers advance in place unless W v = 0 (a zero
         weight), which would leave a zero state no later weight could recover from."""
         sigma, u, v = F.power_iteration(self.weight, self.v, steps, self.backend)
-        if sigma.device.type == "cpu" and not torch.compiler.is_compiling():
-            if float(sigma) > 0:  # reading a CPU scalar syncs nothing: a branch, not two selects
-                self.u.copy_(u)
-                self.v.copy_(v)
-            return sigma, u, v
         moved = sigma > 0
         self.u.copy_(torch.where(moved, u, self.u))
         self.v.copy_(torch.where(moved, v, self.v))
