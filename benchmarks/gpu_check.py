@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
 import json
 import os
 import platform
@@ -47,11 +46,6 @@ def _torch():
     import torch
 
     return torch
-
-
-def _triton_module(name: str):
-    """An op's file in the Triton package (the package re-exports a function of that name)."""
-    return importlib.import_module(f"crvae_ext._triton.{name}")
 
 
 def _bench(fn: Callable[[], object], device: str) -> float:
@@ -173,8 +167,9 @@ def bench_groupsort(env: dict, quick: bool, tiny: bool) -> list[dict]:
     through autograd as a user calls them."""
     torch = _torch()
     import crvae_ext.functional as F
-    from crvae_ext import _triton, ops
+    from crvae_ext import _backend, ops
 
+    triton_kernels = _backend.kernels("triton")
     device = env["device"]
     sizes = [2**10] if tiny else ([2**24] if quick else [2**24, 2**26])
     width = 256 if tiny else 4096
@@ -203,8 +198,8 @@ def bench_groupsort(env: dict, quick: bool, tiny: bool) -> list[dict]:
                 for group_size in [2, 4, 8] if tiny or quick else [2, 4, 8, 16]:
                     kernel_ms = _bench(
                         lambda g=group_size: (
-                            _triton.groupsort(x, g, dim),
-                            _triton.groupsort_backward(grad, x, g, dim),
+                            triton_kernels.groupsort(x, g, dim),
+                            triton_kernels.groupsort_backward(grad, x, g, dim),
                         ),
                         device,
                     )
@@ -243,9 +238,10 @@ def bench_power_iteration(env: dict, quick: bool, tiny: bool) -> list[dict]:
     """Per-step time from (n = 11) - (n = 1) launches: bytes = one read of W per step; the
     reference (two matvecs per step) alongside, and a sweep of the persistent-kernel knobs."""
     torch = _torch()
-    from crvae_ext import _triton, reference
+    from crvae_ext import _backend, reference
+    from crvae_ext._triton import power_iteration as module
 
-    module = _triton_module("power_iteration")
+    triton_kernels = _backend.kernels("triton")
     device = env["device"]
     shapes = (
         [(64, 48)] if tiny else [(4096, 4096)] + ([] if quick else [(1024, 1024), (8192, 2048)])
@@ -265,7 +261,7 @@ def bench_power_iteration(env: dict, quick: bool, tiny: bool) -> list[dict]:
                 module.PROGRAMS_PER_SM, module.ROW_TILE = programs, tile
                 try:
                     ms = [
-                        _bench(lambda n=n: _triton.power_iteration(w, v, n), device)
+                        _bench(lambda n=n: triton_kernels.power_iteration(w, v, n), device)
                         for n in (1, 11)
                     ]
                 finally:
@@ -295,45 +291,37 @@ def _train_layer(kind: str, width: int, device: str, dtype):
     elif kind == "torch_spectral_norm":
         layer = spectral_norm(torch.nn.Linear(width, width))
     else:
-        layer = LipLinear(width, width, backend=kind.split("_")[1])
+        layer = LipLinear(width, width, backend=kind.removeprefix("liplinear_"))
     return layer.to(device, dtype)
 
 
 def bench_liplinear(env: dict, quick: bool, tiny: bool) -> list[dict]:
     """Train step (zero_grad, forward, sum().backward(), SGD) against nn.Linear and spectral_norm;
-    LipLinear on the triton backend with each GEMM variant, and on the torch backend."""
+    LipLinear on each triton backend (cuBLAS or Triton GEMMs), and on the torch backend."""
     torch = _torch()
-    module = _triton_module("lip_linear")
     device = env["device"]
     batch, width = (8, 32) if tiny else (256, 1024)
-    kinds = ["linear", "liplinear_triton_cublas", "liplinear_triton_triton",
+    kinds = ["linear", "liplinear_triton", "liplinear_triton_gemm",
              "liplinear_torch", "torch_spectral_norm"]  # fmt: skip
     if device == "cuda" and not quick:  # torch.compile'd layers, each against compiled nn.Linear
-        kinds += ["linear_compiled", "liplinear_triton_cublas_compiled"]
+        kinds += ["linear_compiled", "liplinear_triton_compiled"]
     rows = []
-    default_gemm = module.GEMM
     for dtype in [torch.float32, torch.bfloat16] if device == "cuda" else [torch.float32]:
         x = torch.randn(batch, width, device=device, dtype=dtype)
         times = {}
         for kind in kinds:
             base = kind.removesuffix("_compiled")
             torch.manual_seed(0)
-            module.GEMM = (
-                base.rsplit("_", 1)[1] if base.startswith("liplinear_triton") else "cublas"
-            )
-            try:
-                layer = _train_layer(base, width, device, dtype)
-                model = torch.compile(layer) if kind != base else layer
-                opt = torch.optim.SGD(layer.parameters(), lr=1e-3)
+            layer = _train_layer(base, width, device, dtype)
+            model = torch.compile(layer) if kind != base else layer
+            opt = torch.optim.SGD(layer.parameters(), lr=1e-3)
 
-                def step(model=model, opt=opt) -> None:
-                    opt.zero_grad(set_to_none=True)
-                    model(x).sum().backward()
-                    opt.step()
+            def step(model=model, opt=opt) -> None:
+                opt.zero_grad(set_to_none=True)
+                model(x).sum().backward()
+                opt.step()
 
-                times[kind] = _bench(step, device)
-            finally:
-                module.GEMM = default_gemm
+            times[kind] = _bench(step, device)
         for kind, ms in times.items():
             baseline = "linear_compiled" if kind.endswith("_compiled") else "linear"
             rows.append({
@@ -348,9 +336,8 @@ def bench_liplinear(env: dict, quick: bool, tiny: bool) -> list[dict]:
 def _bench_lip_linear_variants(env: dict, tiny: bool) -> list[dict]:
     """The op kernels alone: forward and backward with each GEMM variant, and the reference."""
     torch = _torch()
-    from crvae_ext import _triton, reference
+    from crvae_ext import _backend, reference
 
-    module = _triton_module("lip_linear")
     device = env["device"]
     rows = []
     shapes = [(8, 32, 32)] if tiny else [(256, 1024, 1024), (4096, 1024, 1024), (256, 4096, 4096)]
@@ -364,20 +351,16 @@ def _bench_lip_linear_variants(env: dict, tiny: bool) -> list[dict]:
             out = reference.lip_linear(x, w, b, scale)
             grad = torch.randn_like(out)
             needs = (True, True, True)
-            entries = {"reference": reference, "cublas": _triton, "triton": _triton}
-            default_gemm = module.GEMM
-            for name, kernels in entries.items():
-                module.GEMM = name if name != "reference" else default_gemm
-                try:
-                    fwd = _bench(lambda k=kernels: k.lip_linear(x, w, b, scale), device)
-                    bwd = _bench(
-                        lambda k=kernels: k.lip_linear_backward(
-                            grad, x, w, b, out, scale, u, v, 1.0, needs
-                        ),
-                        device,
-                    )
-                finally:
-                    module.GEMM = default_gemm
+            entries = {"reference": "torch", "cublas": "triton", "triton": "triton_gemm"}
+            for name, backend in entries.items():
+                kernels = _backend.kernels(backend)
+                fwd = _bench(lambda k=kernels: k.lip_linear(x, w, b, scale), device)
+                bwd = _bench(
+                    lambda k=kernels: k.lip_linear_backward(
+                        grad, x, w, b, out, scale, u, v, 1.0, needs
+                    ),
+                    device,
+                )
                 rows.append({
                     "kind": f"op_{name}", "batch": batch, "in": n, "out": m,
                     "dtype": str(dtype).removeprefix("torch."), "forward_ms": fwd,
@@ -443,7 +426,7 @@ def verdicts(results: dict) -> dict:
         out["lip_linear_gemm_variant"] = {
             "wins": wins,
             "faster": max(wins, key=wins.get),
-            "default": _triton_module("lip_linear").GEMM,
+            "default": "cublas",
         }
     return out
 

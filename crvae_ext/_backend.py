@@ -1,8 +1,10 @@
 """Backend registry: which kernel implementation runs an op on a device, and why others cannot.
 
 Each backend is a module of kernel functions with one signature per op (``groupsort``,
-``groupsort_backward``, ``power_iteration``, ``lip_linear``). "torch" is the plain-PyTorch
-reference and is always usable; "triton" and "cpp" say why they are not, where they are not.
+``groupsort_backward``, ``power_iteration``, ``lip_linear``, ``lip_linear_backward``); the
+choice is made here and nowhere else, and no backend's kernels call another backend. "torch" is
+the plain-PyTorch reference and is always usable; the others say why they are not, where not.
+"triton_gemm" is "triton" with lip_linear's GEMMs in Triton (fused epilogues) instead of cuBLAS.
 """
 
 from __future__ import annotations
@@ -10,37 +12,33 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-from types import ModuleType
+from typing import Any
 
 import torch
 
-BACKENDS = ("triton", "cpp", "torch")
+from . import _torch_private
+
+BACKENDS = ("triton", "triton_gemm", "cpp", "torch")
 ENV_VAR = "CRVAE_BACKEND"
-_MODULES = {"triton": "crvae_ext._triton", "cpp": "crvae_ext._cpp", "torch": "crvae_ext.reference"}
+_TABLES = {  # module, or module:attribute
+    "triton": "crvae_ext._triton.kernels:cublas",
+    "triton_gemm": "crvae_ext._triton.kernels:triton_gemm",
+    "cpp": "crvae_ext._cpp",
+    "torch": "crvae_ext.reference",
+}
 _PREFERENCE = {"cuda": ("triton", "cpp", "torch"), "cpu": ("cpp", "torch")}
-_EAGER = {"cpp": "crvae_ext._cpp._eager"}
 
 
-def kernels(name: str) -> ModuleType:
-    """The module holding backend ``name``'s kernel functions."""
-    return importlib.import_module(_MODULES[name])
+def kernels(name: str) -> Any:
+    """The module (or namespace) holding backend ``name``'s kernel functions."""
+    module, _, attribute = _TABLES[name].partition(":")
+    table = importlib.import_module(module)
+    return getattr(table, attribute) if attribute else table
 
 
-@functools.cache
-def _eager_module(name: str) -> ModuleType | None:
-    return importlib.import_module(_EAGER[name]) if name in _EAGER else None
-
-
-def eager(name: str) -> ModuleType | None:
-    """Backend ``name``'s eager fast path, if it has one and nothing traces or transforms now.
-
-    It holds ``groupsort``, ``power_iteration`` and ``lip_linear`` as autograd-ready calls of
-    the backend's own kernels, skipping the public ops' Python dispatch; torch.compile, export
-    and functorch transforms always see the public ``crvae_ext::`` ops.
-    """
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return None
-    return _eager_module(name)
+def plain_eager() -> bool:
+    """True when nothing compiles or transforms the call: kernels may then run directly."""
+    return not (torch.compiler.is_compiling() or _torch_private.functorch_active())
 
 
 def check_name(backend: object) -> str | None:

@@ -18,6 +18,16 @@ def positive_finite(name: str, value: object) -> float:
     return value
 
 
+def nonnegative_finite(name: str, value: object) -> float:
+    """Return ``value`` as a float, or raise if it is not a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return value
+
+
 def integer(name: str, value: object, minimum: int) -> int:
     """Return ``value`` as an int, or raise if it is not an integer >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -38,6 +48,8 @@ def float_tensor(name: str, value: object) -> torch.Tensor:
 
 def finite_tensor(name: str, value: torch.Tensor) -> torch.Tensor:
     """Raise if ``value`` holds NaN or inf (host sync: use off the hot path only)."""
+    if value.is_meta:
+        raise ValueError(f"{name} is on the meta device (no values): materialise it first")
     if not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name} contains NaN or inf")
     return value

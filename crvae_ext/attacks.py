@@ -62,7 +62,7 @@ def project(x: torch.Tensor, delta: torch.Tensor, radius: torch.Tensor, box: Box
 
 
 def _flat_input(vae: Any, x: torch.Tensor, box: Box = None, name: str = "x") -> torch.Tensor:
-    _checks.float_tensor(name, x)
+    _checks.finite_tensor(name, _checks.float_tensor(name, x))
     if not callable(getattr(vae, "encode", None)) or not callable(getattr(vae, "decode", None)):
         raise TypeError(f"cannot attack {type(vae).__name__}: it needs encode() and decode()")
     if box is not None:

@@ -30,6 +30,26 @@ def spectral_norm_bound(weight: torch.Tensor, name: str = "weight") -> float:
     return reference.spectral_norm_exact(weight) * margin
 
 
+def scaled_norm_bound(
+    weight: torch.Tensor, scale: torch.Tensor, exported: torch.Tensor, name: str = "layer"
+) -> float:
+    """An upper bound on max(|s W|_2, |E|_2): s W the exact map of a scaled layer (s a 0-d
+    tensor), E = ``exported``, s W rounded to the layer's dtype (what an export holds).
+
+    P = s W in float64 is exact when W and s have <= 26 significant bits (fp32 and narrower);
+    else |s W - P| <= eps64 |P| entrywise. E - P is exact in float64 (Sterbenz: E is within a
+    factor 2 of P), so |E|_2 <= |P|_2 + |E - P|_F and |s W|_2 <= |P|_2 + eps64 |P|_F.
+    """
+    _checks.finite_tensor(f"{name}'s exported weight", exported)
+    eps = torch.finfo(torch.float64).eps
+    p = weight.detach().to("cpu", torch.float64) * scale.detach().to("cpu", torch.float64)
+    gap = float(torch.linalg.matrix_norm(exported.detach().to("cpu", torch.float64) - p))
+    if torch.float64 in (weight.dtype, scale.dtype):
+        gap = max(gap, eps * float(torch.linalg.matrix_norm(p)))
+    summed = 1 + (p.numel() + 2) * eps  # rounding of the Frobenius norm's sum of squares
+    return (spectral_norm_bound(p, f"{name}'s scaled weight") + gap * summed) * (1 + 4 * eps)
+
+
 def register_bound(*types: type[nn.Module]):
     """Register ``fn(module) -> float`` as the sound bound for modules of ``types``."""
 
@@ -71,8 +91,49 @@ def _linear(module: nn.Linear) -> float:
     return spectral_norm_bound(module.weight, f"{type(module).__name__}.weight")
 
 
-@register_bound(nn.ReLU, nn.Tanh, nn.Identity, nn.Flatten, nn.Unflatten, nn.Softplus, nn.Hardtanh)
+@register_bound(nn.ReLU, nn.Tanh, nn.Identity, nn.Flatten, nn.Unflatten)
 def _one(module: nn.Module) -> float:
+    return 1.0
+
+
+def _finite_parameter(module: nn.Module, name: str, allow_inf: bool = False) -> float:
+    """``module.name`` as a float; NaN (and inf unless allowed) has no Lipschitz bound."""
+    value = float(getattr(module, name))
+    if math.isnan(value) or (math.isinf(value) and not allow_inf):
+        raise ValueError(f"{type(module).__name__}.{name}={value}: no Lipschitz bound exists")
+    return value
+
+
+# torch's Softplus returns x itself where beta x > threshold: a jump of log1p(e^-t) / |beta| at
+# x = t / beta, relative size log1p(e^-t) / t there. Below the fp32 unit roundoff (t >= ~15; the
+# default t = 20 gives 1e-10) it is rounding, as in every float op; above it no bound exists.
+_SOFTPLUS_MAX_RELATIVE_JUMP = 2.0**-24
+
+
+@register_bound(nn.Softplus)
+def _softplus(module: nn.Softplus) -> float:
+    """1: the smooth branch has slope sigmoid(beta x) in (0, 1) for either sign of beta."""
+    beta = _finite_parameter(module, "beta")
+    threshold = _finite_parameter(module, "threshold", allow_inf=True)
+    if beta == 0:
+        raise ValueError("Softplus.beta=0 divides by zero: no Lipschitz bound exists")
+    if threshold != math.inf:
+        # log1p(e^-t) = max(-t, 0) + log1p(e^-|t|): no overflow for any t
+        jump = max(-threshold, 0.0) + math.log1p(math.exp(-abs(threshold)))
+        if not (threshold > 0 and jump / threshold <= _SOFTPLUS_MAX_RELATIVE_JUMP):
+            raise ValueError(
+                f"Softplus(threshold={threshold:g}) jumps by {jump / abs(beta):.3g} at "
+                f"x = {threshold / beta:g}, where torch switches to the identity: it has no "
+                "Lipschitz bound; use threshold >= 15 (the default 20 is fine)"
+            )
+    return 1.0
+
+
+@register_bound(nn.Hardtanh)
+def _hardtanh(module: nn.Hardtanh) -> float:
+    """1: a clamp to [min_val, max_val] (infinite ends allowed, NaN refused)."""
+    _finite_parameter(module, "min_val", allow_inf=True)
+    _finite_parameter(module, "max_val", allow_inf=True)
     return 1.0
 
 
@@ -83,12 +144,14 @@ def _sigmoid(module: nn.Module) -> float:
 
 @register_bound(nn.LeakyReLU)
 def _leaky_relu(module: nn.LeakyReLU) -> float:
-    return max(1.0, abs(module.negative_slope))
+    """max(1, |slope|): slopes 1 and ``negative_slope``, of either sign or size."""
+    return max(1.0, abs(_finite_parameter(module, "negative_slope")))
 
 
 @register_bound(nn.ELU)
 def _elu(module: nn.ELU) -> float:
-    return max(1.0, module.alpha)
+    """max(1, |alpha|): the slope alpha e^x for x < 0 reaches |alpha| at 0-, for either sign."""
+    return max(1.0, abs(_finite_parameter(module, "alpha")))
 
 
 def export(model: nn.Module) -> nn.Module:

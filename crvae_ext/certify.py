@@ -181,6 +181,7 @@ def certify(
 ) -> CertifyResult:
     """Certified radius of every input in ``x`` (batched; constants computed once per call)."""
     model = _encoder_of(vae)
+    _checks.finite_tensor("x", _checks.float_tensor("x", x))
     constants = _model_constants(model)
     with eval_mode(model), torch.no_grad():
         _, sigma = model.encode(x)
@@ -245,7 +246,9 @@ def robustness_probability(
     chunk = _checks.integer("chunk", chunk, 1)
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
-    if not isinstance(delta, torch.Tensor) or delta.shape != x.shape:
+    _checks.finite_tensor("x", _checks.float_tensor("x", x))
+    _checks.finite_tensor("delta", _checks.float_tensor("delta", delta))
+    if delta.shape != x.shape:
         raise ValueError(f"delta must be a tensor of x's shape {tuple(x.shape)}")
     successes = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
     with eval_mode(model), torch.no_grad():

@@ -31,11 +31,7 @@ def groupsort(
         )
     if group_size == 1:
         return x
-    name = _backend.resolve(backend, x.device)
-    fast = _backend.eager(name)
-    if fast is not None:
-        return fast.groupsort(x, group_size, d)
-    return ops.groupsort(x, group_size, d, name)
+    return ops.groupsort_autograd(x, group_size, d, _backend.resolve(backend, x.device))
 
 
 def power_iteration(
@@ -56,10 +52,7 @@ def power_iteration(
     if v.device != weight.device:
         raise ValueError(f"v is on {v.device} but weight is on {weight.device}")
     name = _backend.resolve(backend, weight.device)
-    fast = _backend.eager(name)
-    if fast is not None:
-        return fast.power_iteration(weight.detach(), v.detach(), n_iters)
-    return ops.power_iteration(weight.detach(), v.detach(), n_iters, name)
+    return ops.call("power_iteration", name, weight.detach(), v.detach(), n_iters)
 
 
 def lip_linear(
@@ -96,11 +89,8 @@ def lip_linear(
         )
     name = _backend.resolve(backend, x.device)
     flat = x.reshape(-1, in_features)
-    fast = _backend.eager(name)
-    if fast is not None:
-        out = fast.lip_linear(flat, weight, bias, scale, u.detach(), v.detach(), lipschitz)
-    else:
-        out = ops.lip_linear(flat, weight, bias, scale, u.detach(), v.detach(), lipschitz, name)
+    u, v = u.detach(), v.detach()
+    out = ops.lip_linear_autograd(flat, weight, bias, scale, u, v, lipschitz, name)
     return out.reshape(*x.shape[:-1], out_features)
 
 

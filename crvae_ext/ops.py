@@ -1,19 +1,26 @@
-"""The custom ops (namespace ``crvae_ext``): schemas, fake kernels and autograd formulas.
+"""The custom ops (namespace ``crvae_ext``): one schema, one fake kernel and one autograd formula
+per op, whichever backend's kernels run it.
 
-Each op takes the concrete backend name as its last argument and forwards to that backend's
-kernel of the same name (see ``_backend``). Ops are ``triton_op`` where Triton imports, so that
-torch.compile can see the Triton kernels inside; else plain ``custom_op``.
+Each op takes the concrete backend name as its last argument and runs that backend's kernel of
+the same name (see ``_backend``). The ops are ``triton_op`` where Triton imports, so that
+torch.compile sees the Triton kernels inside; else plain ``custom_op``. Their fake kernels are
+the functions in ``_meta``.
+
+Autograd: each differentiable op has one ``torch.autograd.Function`` (setup_context style, so
+functorch's grad/jacrev/vmap work); its ``setup_context`` and ``backward`` are also the op's
+registered autograd, which torch.compile and direct op calls use. In plain eager mode the
+Function calls the backend kernel directly, skipping the op's Python dispatch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from . import _backend, reference
-
-Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+from . import _backend, _meta, _torch_private
+from ._meta import Grads
 
 try:
     import triton  # noqa: F401
@@ -60,81 +67,198 @@ def lip_linear(
     return _backend.kernels(backend).lip_linear(x, weight, bias, scale)
 
 
-@groupsort.register_fake
-def _(x, group_size, dim, backend):
-    return x.new_empty(x.shape)
+_PUBLIC = {
+    "groupsort": groupsort,
+    "groupsort_backward": groupsort_backward,
+    "power_iteration": power_iteration,
+    "lip_linear": lip_linear,
+}
+for _name, _op in _PUBLIC.items():
+    _op.register_fake(getattr(_meta, _name))
 
 
-@groupsort_backward.register_fake
-def _(grad, x, group_size, dim, backend):
-    return x.new_empty(x.shape)
+def call(name: str, backend: str, *args: Any) -> Any:
+    """Kernel ``name`` of ``backend`` on the kernel's own arguments: called directly in plain
+    eager mode (no op dispatch), else through the public op of the same arguments, so that
+    torch.compile, export and functorch see it. ``lip_linear_backward`` has no public op (it
+    returns optional tensors); its kernels are traceable as they are."""
+    if name not in _PUBLIC or _backend.plain_eager():
+        return getattr(_backend.kernels(backend), name)(*args)
+    return _PUBLIC[name](*args, backend)
 
 
-@power_iteration.register_fake
-def _(weight, v, n_iters, backend):
-    acc = reference.accumulate_dtype(weight.dtype)
-    return (
-        weight.new_empty((), dtype=acc),
-        weight.new_empty(weight.shape[0], dtype=acc),
-        weight.new_empty(weight.shape[1], dtype=acc),
-    )
+def _apply(function: type[torch.autograd.Function], *args: Any) -> Any:
+    """``function.apply(*args)``; in plain eager mode through the C-level apply, which skips
+    Function.apply's per-call signature binding (every argument here is positional)."""
+    if _backend.plain_eager():
+        return super(torch.autograd.Function, function).apply(*args)
+    return function.apply(*args)
 
 
-@lip_linear.register_fake
-def _(x, weight, bias, scale, u, v, lipschitz, backend):
-    return x.new_empty(x.shape[0], weight.shape[0])
+def _batch_first(t: torch.Tensor, bdim: int | None, size: int) -> torch.Tensor:
+    """A vmapped argument with its batch dimension first (expanded where it has none)."""
+    return t.movedim(bdim, 0) if bdim is not None else t.expand(size, *t.shape)
 
 
-def _groupsort_setup(ctx, inputs, output) -> None:
-    x, group_size, dim, backend = inputs
-    ctx.save_for_backward(x)
-    ctx.args = (group_size, dim, backend)
+class _GroupSortBackward(torch.autograd.Function):
+    """groupsort_backward as a node of its own, so that GroupSort has a double backward."""
+
+    @staticmethod
+    def forward(grad, x, group_size, dim, backend):
+        return call("groupsort_backward", backend, grad, x, group_size, dim)
+
+    @staticmethod
+    def vmap(info, in_dims, grad, x, group_size, dim, backend):
+        """The batch is one more leading dimension of the same op."""
+        grad, x = (
+            _batch_first(t, b, info.batch_size) for t, b in zip((grad, x), in_dims[:2], strict=True)
+        )
+        return _GroupSortBackward.apply(grad, x, group_size, dim + 1, backend), 0
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _, x, group_size, dim, _ = inputs
+        ctx.save_for_backward(x)
+        ctx.args = (group_size, dim)
+
+    @staticmethod
+    def backward(ctx, grad_grad_x):
+        """grad_x = P^T grad for the sorting permutation P of x, so d/d grad is P itself (a
+        gather by x's stable order) and d/dx is 0 (P is locally constant)."""
+        (x,) = ctx.saved_tensors
+        return _permute_like_groupsort(grad_grad_x, x, *ctx.args), None, None, None, None
 
 
-def _groupsort_grad(ctx, grad):
-    (x,) = ctx.saved_tensors
-    return groupsort_backward(grad.contiguous(), x, *ctx.args), None, None, None
+def _permute_like_groupsort(t: torch.Tensor, x: torch.Tensor, group_size: int, dim: int):
+    """``t`` permuted the way groupsort permutes ``x``: torch.sort(stable=True)'s order, NaN
+    last, the permutation every backend's kernels reproduce (differentiable in ``t``)."""
+    d = dim % x.dim()
+    order = x.unflatten(d, (-1, group_size)).sort(dim=d + 1, stable=True).indices
+    return t.unflatten(d, (-1, group_size)).gather(d + 1, order).flatten(d, d + 1)
 
 
-groupsort.register_autograd(_groupsort_grad, setup_context=_groupsort_setup)
+class _GroupSort(torch.autograd.Function):
+    @staticmethod
+    def forward(x, group_size, dim, backend):
+        return call("groupsort", backend, x, group_size, dim)
+
+    @staticmethod
+    def vmap(info, in_dims, x, group_size, dim, backend):
+        """The batch is one more leading dimension of the same op."""
+        x = _batch_first(x, in_dims[0], info.batch_size)
+        return _GroupSort.apply(x, group_size, dim + 1, backend), 0
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, group_size, dim, backend = inputs
+        ctx.save_for_backward(x)
+        ctx.args = (group_size, dim, backend)
+
+    @staticmethod
+    def backward(ctx, grad):
+        """The gradient routed back through the order recomputed from x (a permutation)."""
+        (x,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: a node that differentiates again
+            grad_x = _GroupSortBackward.apply(grad, x, *ctx.args)
+        else:
+            grad_x = call("groupsort_backward", ctx.args[2], grad, x, *ctx.args[:2])
+        return grad_x, None, None, None
 
 
-def _lip_linear_setup(ctx, inputs, output) -> None:
-    x, weight, bias, scale, u, v, lipschitz, backend = inputs
-    ctx.args = (lipschitz, backend)
-    ctx.save_for_backward(x, weight, bias, scale, u, v, output)
+class _LipLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(x, weight, bias, scale, u, v, lipschitz, backend):
+        if _backend.plain_eager():
+            return _backend.kernels(backend).lip_linear(x, weight, bias, scale)
+        return lip_linear(x, weight, bias, scale, u, v, lipschitz, backend)
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, bias, scale, u, v, lipschitz, backend):
+        """A batch of inputs only is more rows of one call; batched weights (or scale, u, v)
+        are one call per batch entry."""
+        if all(b is None for b in in_dims[1:6]):
+            rows = _batch_first(x, in_dims[0], info.batch_size)
+            out = _LipLinear.apply(rows.flatten(0, 1), weight, bias, scale, u, v, lipschitz,
+                                   backend)  # fmt: skip
+            return out.unflatten(0, rows.shape[:2]), 0
+        args = list(zip((x, weight, bias, scale, u, v), in_dims[:6], strict=True))
+
+        def entry(i: int) -> torch.Tensor:
+            picked = (t if b is None or t is None else t.select(b, i) for t, b in args)
+            return _LipLinear.apply(*picked, lipschitz, backend)
+
+        return torch.stack([entry(i) for i in range(info.batch_size)]), 0
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, bias, scale, u, v, lipschitz, backend = inputs
+        # y enters the backward only when x needs no gradient (else <grad_x, x> stands in)
+        kept = None if ctx.needs_input_grad[0] else output
+        ctx.save_for_backward(x, weight, bias, scale, u, v, kept)
+        ctx.args = (lipschitz, backend)
+
+    @staticmethod
+    def backward(ctx, grad):
+        """Analytic backward with sigma = u^T W v (u, v constant): no normalised copy of W.
+        Under create_graph the gradients are built from the formula so they differentiate."""
+        x, weight, bias, scale, u, v, out = ctx.saved_tensors
+        lipschitz, backend = ctx.args
+        needs = [bool(n) for n in ctx.needs_input_grad[:3]]
+        if torch.is_grad_enabled() or _torch_private.functorch_active():
+            grads = _lip_linear_grads_differentiable(grad, x, weight, bias, u, v, lipschitz, needs)
+        else:
+            grads = call("lip_linear_backward", backend, grad, x, weight, bias, out, scale, u, v,
+                         lipschitz, needs)  # fmt: skip
+        return *grads, None, None, None, None, None
 
 
-def _lip_linear_grad(ctx, grad):
-    """Analytic backward with sigma = u^T W v (u, v constant): no normalised copy of W."""
-    x, weight, bias, scale, u, v, out = ctx.saved_tensors
-    lipschitz, backend = ctx.args
-    needs = tuple(ctx.needs_input_grad[:3])
-    first_order = _backend.kernels(backend).lip_linear_backward
-    grads = lip_linear_grads(first_order, grad, x, weight, bias, out, scale, u, v, lipschitz, needs)
-    return *grads, None, None, None, None, None
-
-
-def lip_linear_grads(
-    first_order: Callable[..., Grads],
+def _lip_linear_grads_differentiable(
     grad: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    out: torch.Tensor | None,
-    scale: torch.Tensor,
     u: torch.Tensor,
     v: torch.Tensor,
     lipschitz: float,
-    needs: tuple[bool, bool, bool],
+    needs: list[bool],
 ) -> Grads:
-    """A backend's first-order ``lip_linear_backward``, or under create_graph (grad mode on in a
-    backward) gradients that differentiate again; shared by every autograd path of lip_linear."""
-    if torch.is_grad_enabled():
-        return reference.lip_linear_backward_differentiable(
-            grad, x, weight, bias, u, v, lipschitz, needs
-        )
-    return first_order(grad, x, weight, bias, out, scale, u, v, lipschitz, needs)
+    """The same gradients in closed form with sigma = u^T W v recomputed from W, built from
+    differentiable torch ops, so that they differentiate again (gradient penalties,
+    Hessian-vector products) and compose with functorch transforms:
+    grad_x = s G W, grad_W = s G^T x - (s / sigma) <G, x W^T> u v^T, s = k / sigma."""
+    acc = _meta.accumulate_dtype(x.dtype)
+    w, g = weight.to(acc), grad.to(acc)
+    sigma = torch.dot(u.to(acc), torch.mv(w, v.to(acc)))
+    s = lipschitz / sigma
+    grad_x = (s * (g @ w)).to(x.dtype) if needs[0] else None
+    grad_w = None
+    if needs[1]:
+        xa = x.to(acc)
+        inner = (g * (xa @ w.t())).sum()
+        rank1 = torch.outer(u.to(acc), v.to(acc)) * (s / sigma * inner)
+        grad_w = (s * (g.t() @ xa) - rank1).to(weight.dtype)
+    grad_b = grad.sum(0) if needs[2] and bias is not None else None
+    return grad_x, grad_w, grad_b
 
 
-lip_linear.register_autograd(_lip_linear_grad, setup_context=_lip_linear_setup)
+def _register(op: Any, function: type[torch.autograd.Function]) -> None:
+    op.register_autograd(function.backward, setup_context=function.setup_context)
+
+
+_register(groupsort, _GroupSort)
+_register(groupsort_backward, _GroupSortBackward)
+_register(lip_linear, _LipLinear)
+
+
+def _differentiable(function: type[torch.autograd.Function], op: Callable) -> Callable:
+    def run(*args: Any) -> Any:
+        if torch.compiler.is_compiling():  # the op, whose registered autograd compile traces
+            return op(*args)
+        return _apply(function, *args)
+
+    run.__doc__ = f"Differentiable {function.__name__[1:]}: the op with its one autograd formula."
+    return run
+
+
+groupsort_autograd = _differentiable(_GroupSort, groupsort)
+lip_linear_autograd = _differentiable(_LipLinear, lip_linear)

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from ._meta import Grads, accumulate_dtype
+
 _EPS = 1e-12
-
-
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp16/bf16 accumulate in fp32; fp32 and fp64 keep their own precision."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def groupsort(x: torch.Tensor, group_size: int, dim: int) -> torch.Tensor:
@@ -44,8 +41,8 @@ def power_iteration(
     """
     acc = accumulate_dtype(weight.dtype)
     w = weight.detach().to(acc)
-    v = v.detach().to(acc)
-    u = torch.empty(w.shape[0], dtype=acc, device=w.device)
+    v = v.detach().to(acc, copy=True)
+    u = torch.zeros(w.shape[0], dtype=acc, device=w.device)
     sigma = torch.zeros((), dtype=acc, device=w.device)
     for _ in range(n_iters):
         t = torch.mv(w, v)
@@ -76,61 +73,38 @@ def lip_linear_backward(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    out: torch.Tensor,
+    out: torch.Tensor | None,
     scale: torch.Tensor,
     u: torch.Tensor,
     v: torch.Tensor,
     lipschitz: float,
-    needs: tuple[bool, bool, bool],
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    needs: tuple[bool, bool, bool] | list[bool],
+) -> Grads:
     """Gradients of y = k x W^T / (u^T W v) + b w.r.t. (x, W, b), u and v held constant.
 
-    dW = s G^T x - (s / k) <G, y - b> u v^T with s = k / sigma; <G, y - b> = <G, y> - <1^T G, b>
-    costs two dot products over the saved output, and the rank-1 term is added in place.
+    dW = s G^T x - (s / k) <G, y - b> u v^T with s = k / sigma, the rank-1 term added in place.
+    <G, y - b> = <grad_x, x> when grad_x is computed (then ``out`` may be None), else
+    <G, y> - <1^T G, b> from the saved output.
     """
     need_x, need_w, need_b = needs
+    if need_w and out is None and not need_x:
+        raise ValueError("lip_linear_backward: out is required when x needs no gradient")
     grad_bias = grad.sum(0) if bias is not None and (need_b or need_w) else None
     acc = accumulate_dtype(grad.dtype)
     g = (grad.to(acc) * scale.to(acc)).to(grad.dtype)
     grad_x = torch.mm(g, weight) if need_x else None
     grad_w = None
     if need_w:
-        inner = torch.vdot(grad.reshape(-1).to(acc), out.reshape(-1).to(acc))
-        if bias is not None:
-            inner = inner - torch.dot(grad_bias.to(acc), bias.to(acc))
+        if grad_x is not None:
+            inner = torch.vdot(grad_x.reshape(-1).to(acc), x.reshape(-1).to(acc))
+        else:
+            inner = torch.vdot(grad.reshape(-1).to(acc), out.reshape(-1).to(acc))
+            if bias is not None:
+                inner = inner - torch.dot(grad_bias.to(acc), bias.to(acc))
         coef = inner * (scale.to(acc) / lipschitz)
         grad_w = torch.mm(g.t(), x)
         grad_w.addr_(u.to(weight.dtype), (v * -coef).to(weight.dtype))
     return grad_x, grad_w, grad_bias if need_b else None
-
-
-def lip_linear_backward_differentiable(
-    grad: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    u: torch.Tensor,
-    v: torch.Tensor,
-    lipschitz: float,
-    needs: tuple[bool, bool, bool],
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """The gradients of ``lip_linear_backward`` as a graph of the formula k x W^T / (u^T W v) + b
-    itself, so that they differentiate again (gradient penalties, Hessian-vector products):
-    the analytic kernels are first order only. Used when a backward runs with create_graph."""
-    acc = accumulate_dtype(x.dtype)
-    wanted = [(i, t) for i, t in enumerate((x, weight, bias)) if needs[i] and t is not None]
-    with torch.enable_grad():
-        sigma = torch.dot(u.to(acc), weight.to(acc) @ v.to(acc))
-        out = (x @ weight.t()).to(acc) * (lipschitz / sigma)
-        if bias is not None:
-            out = out + bias.to(acc)
-        found = torch.autograd.grad(
-            out.to(x.dtype), [t for _, t in wanted], grad, create_graph=True, allow_unused=True
-        )
-    grads: list[torch.Tensor | None] = [None, None, None]
-    for (i, t), g in zip(wanted, found, strict=True):
-        grads[i] = torch.zeros_like(t) if g is None else g
-    return grads[0], grads[1], grads[2]
 
 
 def spectral_norm_exact(weight: torch.Tensor) -> float:

@@ -12,7 +12,6 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import _checks
 from ._context import eval_mode
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, check_writable, load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -42,8 +41,7 @@ class TrainConfig:
         _checks.integer("epochs", self.epochs, 1)
         _checks.integer("batch_size", self.batch_size, 1)
         _checks.positive_finite("lr", self.lr)
-        if not self.beta >= 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        _checks.nonnegative_finite("beta", self.beta)
         _checks.integer("seed", self.seed, 0)
 
 
@@ -96,6 +94,13 @@ def train(
     rank, world = _world()
     if config.batch_size % world:
         raise ValueError(f"batch_size={config.batch_size} must be divisible by {world} ranks")
+    _check_batches(len(data), config.batch_size, world)
+    if config.checkpoint:
+        check_writable(config.checkpoint)
+    saved = None
+    if resume is not None:
+        saved = load_checkpoint(resume)
+        _check_resumable(saved, model, config, resume)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -103,9 +108,7 @@ def train(
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     start, history = 0, []
-    if resume is not None:
-        saved = load_checkpoint(resume, map_location=device)
-        _check_resumable(saved.train_config, config)
+    if saved is not None:
         model.load_state_dict(saved.model.state_dict())
         optimizer.load_state_dict(saved.optimizer)
         start, history = saved.epoch, list(saved.history)
@@ -144,12 +147,44 @@ def train(
     return history
 
 
-def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
-    """Resuming is only deterministic with the settings the run started with (epochs may grow)."""
+def _check_batches(examples: int, batch_size: int, world: int) -> None:
+    """Every epoch takes only full batches (for determinism across process counts): at least
+    one must fit, or nothing would be trained."""
+    per_rank = examples // world
+    if per_rank // (batch_size // world) == 0:
+        raise ValueError(
+            f"batch_size={batch_size} is larger than the {examples} training examples"
+            + (f" ({per_rank} per rank on {world} ranks)" if world > 1 else "")
+            + f": no full batch to train on; use a batch size <= {per_rank * world}"
+        )
+
+
+def _check_resumable(saved: Checkpoint, model: nn.Module, config: TrainConfig, path) -> None:
+    """Resuming continues the same model with the settings the run started with, for more
+    epochs than the checkpoint holds (it is deterministic only then)."""
+    if type(saved.model) is not type(model) or saved.model.config != {
+        k: v for k, v in model.config.items() if k in saved.model.config
+    }:
+        raise ValueError(
+            f"cannot resume from {path}: it holds a {type(saved.model).__name__} with "
+            f"{saved.model.config}, not this {type(model).__name__}; build the model from the "
+            "checkpoint (crvae_ext.checkpoint.load_checkpoint(path).model)"
+        )
+    if saved.optimizer is None:
+        raise ValueError(
+            f"cannot resume from {path}: it holds no optimizer state (it was saved without "
+            "one); start a new run from its weights instead"
+        )
+    if config.epochs <= saved.epoch:
+        raise ValueError(
+            f"cannot resume from {path}: it has already trained {saved.epoch} epochs and "
+            f"epochs={config.epochs} asks for no more; ask for more than {saved.epoch}"
+        )
     keep = ("batch_size", "lr", "beta", "seed")
-    changed = [k for k in keep if k in saved and saved[k] != getattr(config, k)]
+    settings = saved.train_config
+    changed = [k for k in keep if k in settings and settings[k] != getattr(config, k)]
     if changed:
-        diffs = ", ".join(f"{k}: {saved[k]} -> {getattr(config, k)}" for k in changed)
+        diffs = ", ".join(f"{k}: {settings[k]} -> {getattr(config, k)}" for k in changed)
         raise ValueError(f"cannot resume with different settings ({diffs})")
 
 

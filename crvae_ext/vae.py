@@ -8,6 +8,7 @@ certificates in ``crvae_ext.certify``.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -31,6 +32,19 @@ class TargetCheck(NamedTuple):
     target: RobustnessTarget
     constants: LipschitzConstants
     met: bool
+
+
+def _check_data(x: torch.Tensor, likelihood: str) -> None:
+    """Bernoulli-type likelihoods model pixels in [0, 1]; every likelihood needs finite data.
+    One min/max reduction (and host sync) per call."""
+    low, high = (float(t) for t in torch.aminmax(x.detach()))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError("x contains NaN or inf")
+    if likelihood != "gaussian" and not (low >= 0 and high <= 1):
+        raise ValueError(
+            f"x must lie in [0, 1] for the {likelihood} likelihood, got values in "
+            f"[{low:g}, {high:g}]: scale the data (e.g. pixels / 255) or use likelihood='gaussian'"
+        )
 
 
 def lipschitz_mlp(
@@ -99,10 +113,9 @@ class VAEBase(nn.Module):
 
         ``eps`` (batch x latent_dim) fixes the sampling noise, e.g. for reproducible training.
         """
-        beta = float(beta)
-        if not beta >= 0:
-            raise ValueError(f"beta must be >= 0, got {beta}")
+        beta = _checks.nonnegative_finite("beta", beta)
         flat = self._flat(x)
+        _check_data(flat, self.likelihood)
         mu, sigma = self.encode(flat)
         if eps is not None and eps.shape != mu.shape:
             raise ValueError(f"eps must have shape {tuple(mu.shape)}, got {tuple(eps.shape)}")

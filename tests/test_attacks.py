@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from crvae_ext import StandardVAE, certify
+from crvae_ext import LipschitzVAE, StandardVAE, certify
 from crvae_ext.attacks import (
     empirical_margin,
     expected_damage,
@@ -123,3 +123,26 @@ def test_margin_counts_a_break_below_max_radius(monkeypatch, trained):
     result = attacks.empirical_margin(trained["lipschitz"], x, 1.0, max_radius=8.0)
     assert torch.isfinite(result.margin).all() and (result.margin > 1.0).all()
     assert (result.margin < 5.0).all() and (result.probability < 0.5).all()
+
+
+@pytest.mark.parametrize("method", ["spectral", "bjorck"])
+def test_inference_mode_forward_does_not_break_later_attacks(method):
+    """An eval forward under torch.inference_mode fills the layers' caches; input gradients
+    afterwards (the attacks) must still work."""
+    torch.manual_seed(0)
+    model = small_vae()
+    if method == "bjorck":
+        model = LipschitzVAE(64, 4, hidden=(16, 16), method="bjorck", sigma_max=0.3)
+    x = small_data(4).images
+    model.eval()
+    with torch.inference_mode():
+        model.encode(x)
+    result = max_damage(model, x, 0.5, steps=3, samples=2)
+    assert torch.isfinite(result.objective).all() and (result.delta.norm(dim=1) <= 0.5).all()
+
+
+def test_non_finite_input_is_refused(trained):
+    x = small_data(2).images.clone()
+    x[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="x contains NaN or inf"):
+        max_damage(trained["lipschitz"], x, 0.5)

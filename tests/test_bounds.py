@@ -1,6 +1,7 @@
 """lipschitz_bound and export: exact products of float64 norms, never below an ascent."""
 
 import math
+import random
 
 import pytest
 import torch
@@ -110,3 +111,68 @@ def test_subclass_with_its_own_forward_is_not_guessed():
 
     with pytest.raises(TypeError, match="no sound bound is known for Doubled"):
         lipschitz_bound(Doubled(nn.Linear(3, 3)))
+
+
+def _random_activation(kind: str, rng: random.Random) -> nn.Module:
+    """An activation with random parameters of either sign (the ranges the bounds accept)."""
+    if kind == "leaky_relu":
+        return nn.LeakyReLU(rng.uniform(-5, 5))
+    if kind == "elu":
+        return nn.ELU(alpha=rng.uniform(-5, 5))
+    if kind == "softplus":
+        beta = rng.choice((-1, 1)) * 10 ** rng.uniform(-1, 1)
+        return nn.Softplus(beta=beta, threshold=rng.uniform(15, 30))
+    if kind == "hardtanh":
+        low = rng.uniform(-3, 2)
+        return nn.Hardtanh(low, low + rng.uniform(0.1, 3))
+    return {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}[kind]()
+
+
+@pytest.mark.parametrize(
+    "kind", ["leaky_relu", "elu", "softplus", "hardtanh", "relu", "tanh", "sigmoid"]
+)
+def test_activation_bound_covers_every_sampled_slope(kind):
+    """Property: for random parameters, no slope |f'(x)| (float64 autograd, on a fine grid and
+    random points over [-40, 40]) and no difference quotient of nearby points exceeds the bound."""
+    rng = random.Random(kind)
+    grid = torch.linspace(-40, 40, 80_001, dtype=torch.float64)
+    for _ in range(25):
+        module = _random_activation(kind, rng)
+        bound = lipschitz_bound(module)
+        x = torch.cat([grid, 80 * torch.rand(20_000, dtype=torch.float64) - 40, -grid.abs()[:50]])
+        x.requires_grad_(True)
+        (slope,) = torch.autograd.grad(module(x).sum(), x)
+        assert float(slope.abs().max()) <= bound, module
+        if kind != "softplus":  # torch's switch to the identity: see test_softplus_switch_jump
+            with torch.no_grad():
+                a, h = x.detach()[:-1], 1e-3
+                quotient = (module(a + h) - module(a)).abs() / h
+            assert float(quotient.max()) <= bound * (1 + 1e-9), module
+
+
+def test_elu_with_negative_alpha_is_bounded_by_its_size():
+    assert lipschitz_bound(nn.ELU(alpha=-5.0)) == 5.0
+    assert lipschitz_bound(nn.LeakyReLU(-2.0)) == 2.0
+
+
+@pytest.mark.parametrize(
+    ("module", "match"),
+    [
+        (nn.LeakyReLU(float("nan")), "negative_slope=nan: no Lipschitz bound"),
+        (nn.ELU(alpha=float("inf")), "alpha=inf: no Lipschitz bound"),
+        (nn.Softplus(beta=0.0), "beta=0 divides by zero"),
+        (nn.Softplus(threshold=5.0), r"threshold=5\) jumps by 0.00672"),
+        (nn.Softplus(threshold=-1.0), "has no Lipschitz bound"),
+    ],
+)
+def test_activations_without_a_bound_are_refused(module, match):
+    with pytest.raises(ValueError, match=match):
+        lipschitz_bound(module)
+
+
+def test_softplus_switch_jump():
+    """The accepted Softplus jump is below the fp32 rounding of the output at the switch."""
+    t = 20.0
+    x = torch.tensor([t - 1e-9, t + 1e-9], dtype=torch.float64)
+    jump = abs(float(nn.Softplus(threshold=t)(x).diff()) - 2e-9)
+    assert 0 < jump <= 2.1e-9 and jump / t <= torch.finfo(torch.float32).eps / 2

@@ -198,6 +198,18 @@ def test_trained_toy_vae_certificate_holds():
             "caps no",
         ),
         (lambda m, x: design("target", 3, 0.1), TypeError, "RobustnessTarget"),
+        (lambda m, x: certify(m, x * math.nan, 1.0), ValueError, "x contains NaN or inf"),
+        (lambda m, x: certify(m, x / 0.0, 1.0), ValueError, "x contains NaN or inf"),
+        (
+            lambda m, x: robustness_probability(m, x, x * math.nan, 1.0),
+            ValueError,
+            "delta contains NaN or inf",
+        ),
+        (
+            lambda m, x: robustness_probability(m, x.int(), x, 1.0),
+            TypeError,
+            "x must be a floating-point tensor",
+        ),
     ],
 )
 def test_bad_input(vae, call, exc, match):

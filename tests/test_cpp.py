@@ -108,21 +108,26 @@ def test_groupsort_nan_sorts_last_and_ties_keep_order():
 def test_groupsort_autograd_paths_agree():
     x = torch.randn(6, 40, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(6, 40, dtype=torch.float64)
-    eager = torch.autograd.grad(F.groupsort(x, 4, 1, backend="cpp"), x, grad)[0]
+    eager = torch.autograd.grad(F.groupsort(x, 4, 1, backend="cpp"), x, grad)[0]  # kernels
     public = torch.autograd.grad(ops.groupsort(x, 4, 1, "cpp"), x, grad)[0]
     want = reference.groupsort_backward(grad, x.detach(), 4, 1)
     assert torch.equal(eager, want) and torch.equal(public, want)
     assert torch.autograd.gradcheck(lambda t: F.groupsort(t, 3, 1, backend="cpp"), (x[:, :12],))
 
 
-@pytest.mark.parametrize("path", ["eager", "public"])
-def test_groupsort_double_backward_is_an_error(path):
-    """Neither path has a second derivative: both must say so, not drop part of the graph."""
-    x = torch.randn(3, 8, requires_grad=True)
-    y = F.groupsort(x, 4, 1, backend="cpp") if path == "eager" else ops.groupsort(x, 4, 1, "cpp")
-    (g,) = torch.autograd.grad((y * torch.randn(3, 8)).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match=r"double backward|no autograd formula"):
-        g.square().sum().backward()
+@pytest.mark.parametrize("path", ["functional", "public"])
+def test_groupsort_double_backward(path):
+    """Gradient penalties through GroupSort: second derivatives against finite differences."""
+    x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
+
+    def f(t):
+        return (
+            F.groupsort(t, 4, 1, backend="cpp")
+            if path == "functional"
+            else ops.groupsort(t, 4, 1, "cpp")
+        )
+
+    assert torch.autograd.gradgradcheck(lambda t: f(t).square(), (x,))
 
 
 def test_groupsort_bad_arguments_are_errors():
@@ -274,10 +279,12 @@ def test_lip_linear_gradients_match_naive_formula(bias):
 
 
 def test_opcheck_cpp_library_ops():
-    x = torch.randn(6, 8, requires_grad=True)
+    """The crvae_ext_cpp ops are the backend's kernels (no autograd of their own: the public
+    ops' formula differentiates them)."""
+    x = torch.randn(6, 8)
     opcheck(_lib().groupsort.default, (x, 2, 1))
-    opcheck(_lib().groupsort.default, (torch.randn(5, 12, requires_grad=True), 3, 1))
-    opcheck(_lib().groupsort_backward.default, (torch.randn(6, 8), x.detach(), 4, 1))
+    opcheck(_lib().groupsort.default, (torch.randn(5, 12), 3, 1))
+    opcheck(_lib().groupsort_backward.default, (torch.randn(6, 8), x, 4, 1))
     opcheck(_lib().power_iteration.default, (torch.randn(7, 5), torch.randn(5), 3))
     x, w, b, scale, u, v = _lip_problem(torch.float32, True)
     opcheck(_lib().lip_linear.default, (x, w, b, scale))
@@ -303,11 +310,18 @@ def test_cpp_is_the_default_on_cpu():
     assert _backend.resolve(None, torch.device("cpu")) == "cpp"
 
 
-def test_eager_path_is_off_while_compiling(monkeypatch):
-    assert _backend.eager("cpp") is not None
+def test_plain_eager_calls_the_kernel_and_tracing_the_public_op(monkeypatch):
+    """Eager calls skip the op's dispatch; compile (and functorch) must see the public op."""
+    seen = []
+    public = ops._PUBLIC["groupsort"]
+    monkeypatch.setitem(ops._PUBLIC, "groupsort", lambda *a: seen.append("op") or public(*a))
+    x = torch.randn(4, 6)
+    ops.call("groupsort", "cpp", x, 2, 1)
+    assert seen == [] and _backend.plain_eager()
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert _backend.eager("cpp") is None
-    assert _backend.eager("torch") is None
+    assert not _backend.plain_eager()
+    assert torch.equal(ops.call("groupsort", "cpp", x, 2, 1), reference.groupsort(x, 2, 1))
+    assert seen == ["op"]
 
 
 GPU_REASON = _backend.unusable_reason("cpp", "cuda") if torch.cuda.is_available() else "no CUDA"

@@ -4,15 +4,27 @@ import json
 
 import pytest
 
-from crvae_ext import cli
+from crvae_ext import LipLinear, LipschitzVAE, a_priori_radius
+from crvae_ext.app import cli
+from crvae_ext.checkpoint import load_checkpoint
 
 pytest.importorskip("sklearn")
 
 
 @pytest.mark.slow
-def test_demo_fast_reports_zero_violations(tmp_path, capsys):
+def test_demo_fast_reports_zero_violations(tmp_path, capsys, monkeypatch):
     pytest.importorskip("mlxtend")
     pytest.importorskip("matplotlib")
+    enforce = LipschitzVAE.enforce_target
+
+    def enforce_and_shrink(model):
+        """Make enforcing visible: it rescales the decoder's last layer (still meets the target)."""
+        check = enforce(model)
+        last = [m for m in model.decoder.modules() if isinstance(m, LipLinear)][-1]
+        last.lipschitz = last.lipschitz * 0.9
+        return check
+
+    monkeypatch.setattr(LipschitzVAE, "enforce_target", enforce_and_shrink)
     assert cli.main(["demo", "--fast", "--out", str(tmp_path), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "violations (certified radius above the empirical margin): 0" in out
@@ -24,6 +36,17 @@ def test_demo_fast_reports_zero_violations(tmp_path, capsys):
     for name in ("reconstructions", "robustness_vs_attack", "certified_vs_margin"):
         png = tmp_path / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # what is saved is what is reported (it was saved before enforce_target), and resumable
+    saved = load_checkpoint(tmp_path / "lipschitz.pt").model
+    assert list(saved.lipschitz_constants()) == lip["constants"]
+    assert a_priori_radius(saved, 8.0, 0.5) == lip["a_priori_radius"]
+    assert saved.verify_target().met
+    for name in ("lipschitz", "standard"):
+        out = tmp_path / f"{name}_3.pt"
+        argv = ["train", "--resume", str(tmp_path / f"{name}.pt"), "--epochs", "3", "--out",
+                str(out), "--no-progress"]  # fmt: skip
+        assert cli.main(argv) == 0, capsys.readouterr().err
+        assert load_checkpoint(out).epoch == 3
 
 
 def test_train_certify_attack_round_trip(tmp_path, capsys):

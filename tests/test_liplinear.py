@@ -163,11 +163,9 @@ def test_training_advances_buffers_and_eval_does_not():
 
 
 def _eval_expected(layer: LipLinear, x: torch.Tensor) -> torch.Tensor:
-    """The eval output from the current weight: one power-iteration step from the buffer v."""
+    """The eval output from the current weight: k x W^T / |W|_2 + b (exact float64 norm)."""
     w = layer.weight.detach().double()
-    u = w @ layer.v.double()
-    u = u / u.norm()
-    sigma = (w.t() @ u).norm()
+    sigma = reference.spectral_norm_exact(w)
     return (layer.lipschitz * x.double() @ w.t() / sigma + layer.bias.detach().double()).float()
 
 
@@ -177,14 +175,28 @@ def _eval_expected(layer: LipLinear, x: torch.Tensor) -> torch.Tensor:
         lambda p: torch.optim.SGD(p, lr=0.1),
         lambda p: torch.optim.Adam(p, lr=0.05),
         lambda p: torch.optim.Adam(p, lr=0.05, fused=True),
+        lambda p: torch.optim.SGD(p, lr=0.1, fused=True),
     ],
-    ids=["sgd", "adam", "fused_adam"],
+    ids=["sgd", "adam", "fused_adam", "fused_sgd"],
 )
 def test_eval_cache_invalidated_by_optimizer_step(make_opt):
+    """Any optimizer step after a backward, fused ones included (they bump no version)."""
     layer = _gaussian_layer((24, 24), 1.0).converge_().eval()
     x = torch.randn(5, 24)
     before = layer(x)
     opt = make_opt(layer.parameters())
+    (layer(x) * torch.randn(5, 24)).sum().backward()  # an eval-mode backward: buffers stay
+    opt.step()
+    after = layer(x)
+    assert not torch.allclose(after, before, atol=1e-4)
+    assert torch.allclose(after, _eval_expected(layer, x), atol=1e-5)
+
+
+def test_eval_cache_invalidated_by_a_step_with_assigned_gradients():
+    layer = _gaussian_layer((24, 24), 1.0).converge_().eval()
+    x = torch.randn(5, 24)
+    before = layer(x)
+    opt = torch.optim.Adam(layer.parameters(), lr=0.05)
     layer.weight.grad = torch.randn_like(layer.weight)
     layer.bias.grad = torch.zeros_like(layer.bias)
     opt.step()
@@ -306,3 +318,138 @@ def test_zero_weight_does_not_kill_the_power_iteration():
         layer.weight.copy_(torch.randn(8, 8))
     layer.converge_().eval()
     assert reference.spectral_norm_exact(layer.effective_weight()) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_eval_after_a_weight_copy_has_norm_k():
+    """An eval layer whose weight is replaced under no_grad normalises to exactly k again (one
+    power-iteration step from the stale v gave |W_eff| = 2.86 for k = 2)."""
+    layer = LipLinear(64, 32, lipschitz=2.0).eval()
+    layer(torch.randn(3, 64))
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(32, 64))
+    layer(torch.randn(3, 64))
+    assert reference.spectral_norm_exact(layer.effective_weight()) == pytest.approx(2.0, rel=1e-5)
+    assert reference.spectral_norm_exact(layer.to_linear().weight) <= layer.lipschitz_bound()
+
+
+@pytest.mark.parametrize(("saved", "loading"), [("bjorck", "spectral"), ("spectral", "bjorck")])
+def test_state_dict_of_another_method_is_refused(saved, loading):
+    state = LipLinear(6, 5, method=saved).state_dict()
+    layer = LipLinear(6, 5, method=loading)
+    before = {k: v.clone() for k, v in layer.state_dict().items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(RuntimeError, match=f"saved by a LipLinear with method='{saved}'"):
+        layer.load_state_dict(state)
+    for key, value in before.items():
+        assert torch.equal(layer.state_dict()[key], value), key  # nothing was overwritten
+
+
+def test_state_dict_of_other_bjorck_iterations_is_refused():
+    state = LipLinear(6, 5, method="bjorck", bjorck_iterations=5).state_dict()
+    with pytest.raises(RuntimeError, match="bjorck_iterations=5"):
+        LipLinear(6, 5, method="bjorck").load_state_dict(state)
+
+
+def test_lipschitz_the_dtype_cannot_hold_is_refused():
+    with pytest.raises(ValueError, match=r"lipschitz=1e\+39 cannot be represented in float32"):
+        LipLinear(4, 3, lipschitz=1e39)
+    LipLinear(4, 3, lipschitz=1e39, dtype=torch.float64)  # fine in float64
+    layer = LipLinear(4, 3, lipschitz=1e5)
+    with pytest.raises(ValueError, match="cannot be represented in float16"):
+        layer.half()
+    assert layer.weight.dtype == torch.float32  # refused before anything was converted
+    with pytest.raises(ValueError, match="cannot be represented in bfloat16"):
+        LipLinear(4, 3, dtype=torch.bfloat16).lipschitz = 1e-39
+
+
+@pytest.mark.parametrize("k", [0.7, 2.5, 1e3])
+def test_bound_covers_the_exported_weights(k):
+    """to_linear() rounds s W to the layer's dtype; that matrix's exact norm never exceeds the
+    bound (it did by a few ulps: 2.5000006039 vs 2.5000005944)."""
+    for seed in range(30):
+        torch.manual_seed(seed)
+        layer = _gaussian_layer((16, 32), k).converge_().eval()
+        bound = layer.lipschitz_bound()
+        assert reference.spectral_norm_exact(layer.to_linear().weight) <= bound
+        w = layer.weight.detach().double() * layer.normalization()[0].double()
+        assert reference.spectral_norm_exact(w) <= bound  # the eval map s W itself
+        assert bound <= k * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("method", ["spectral", "bjorck"])
+def test_inference_mode_does_not_poison_the_eval_state(method):
+    layer = LipLinear(8, 6, method=method).eval()
+    x = torch.randn(3, 8)
+    with torch.inference_mode():
+        expected = layer(x)
+    x.requires_grad_(True)
+    out = layer(x)
+    out.sum().backward()  # saving the cached state for backward must work
+    assert torch.allclose(out.detach(), expected) and x.grad is not None
+
+
+def test_meta_device_layer_builds_and_materialises():
+    layer = LipLinear(16, 8, lipschitz=2.0, device="meta")
+    assert layer.weight.is_meta and layer(torch.empty(5, 16, device="meta")).shape == (5, 8)
+    layer.to_empty(device="cpu")
+    layer.reset_parameters()
+    layer.eval()
+    assert reference.spectral_norm_exact(layer.effective_weight()) == pytest.approx(2.0, rel=1e-5)
+
+
+def test_meta_layer_has_no_bound():
+    with pytest.raises(ValueError, match="meta device"):
+        LipLinear(4, 3, device="meta").lipschitz_bound()
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, "float32", torch.complex64])
+def test_non_float_dtype_is_refused(dtype):
+    with pytest.raises(TypeError, match=r"dtype must be a floating-point torch\.dtype"):
+        LipLinear(4, 3, dtype=dtype)
+
+
+ALL_CPU_BACKENDS = [b for b in crvae_ext.backends("cpu")]
+
+
+@pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
+def test_functorch_jacobian_of_eval_layer_is_the_exported_weight(backend):
+    layer = _gaussian_layer((5, 7), 1.5, backend=backend).double().converge_().eval()
+    plain = layer.to_linear()
+    x = torch.randn(7, dtype=torch.float64)
+    jacobian = torch.func.jacrev(layer)(x)
+    torch.testing.assert_close(jacobian, plain.weight.detach(), rtol=1e-12, atol=1e-12)
+    batch = torch.randn(3, 4, 7, dtype=torch.float64)
+    torch.testing.assert_close(torch.func.vmap(layer)(batch), plain(batch).detach())
+    per_input = torch.func.vmap(torch.func.jacrev(layer))(batch[0])
+    torch.testing.assert_close(per_input, plain.weight.detach().expand(4, 5, 7))
+    g = torch.func.grad(lambda t: layer(t).square().sum())(x)
+    torch.testing.assert_close(g, 2 * plain.weight.detach().t() @ plain(x).detach())
+
+
+@pytest.mark.parametrize("backend", ALL_CPU_BACKENDS)
+def test_functorch_per_sample_weight_gradients(backend):
+    """vmap(grad) over samples w.r.t. the weight (functional_call): the naive formula's."""
+    layer = _gaussian_layer((4, 6), 2.0, backend=backend).double().converge_().eval()
+    params = {"weight": layer.weight.detach(), "bias": layer.bias.detach()}
+    xs = torch.randn(3, 6, dtype=torch.float64)
+
+    def loss(p, x):
+        return torch.func.functional_call(layer, p, (x,)).square().sum()
+
+    got = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, xs)["weight"]
+    _, u, v = layer.normalization()
+    for i in range(3):
+        w = params["weight"].clone().requires_grad_(True)
+        naive = naive_lip_linear(xs[i : i + 1], w, params["bias"], u, v, 2.0).square().sum()
+        torch.testing.assert_close(got[i], torch.autograd.grad(naive, w)[0])
+
+
+def test_functorch_leaves_training_buffers_alone():
+    """Transforms need pure functions: a training forward inside one still takes its power
+    step but does not write u, v."""
+    layer = _gaussian_layer((5, 7), 1.0)
+    layer.v.normal_()
+    before = layer.v.clone()
+    torch.func.jacrev(layer)(torch.randn(7))
+    assert torch.equal(layer.v, before)
+    layer(torch.randn(2, 7))
+    assert not torch.equal(layer.v, before)

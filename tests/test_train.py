@@ -1,5 +1,6 @@
 """Training: the loss falls, runs are deterministic, checkpoints round-trip, DDP = 1 process."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -84,7 +85,7 @@ def test_checkpoint_errors(tmp_path):
     [
         ({"epochs": 0}, "epochs must be >= 1"),
         ({"lr": -1.0}, "lr must be"),
-        ({"beta": -0.5}, "beta must be >= 0"),
+        ({"beta": -0.5}, "beta must be a finite number >= 0"),
         ({"batch_size": 0}, "batch_size must be >= 1"),
     ],
 )
@@ -145,3 +146,97 @@ def test_float64_checkpoint_keeps_its_dtype(tmp_path):
     model.eval()
     loaded.eval()
     assert torch.equal(model.encode(x)[0], loaded.encode(x)[0])
+
+
+def test_resuming_another_model_is_a_clear_error(tmp_path):
+    standard = StandardVAE(64, 4, hidden=(16, 16))
+    train(standard, small_data(64), _config(epochs=1, checkpoint=str(tmp_path / "s.pt")))
+    with pytest.raises(ValueError, match=r"holds a StandardVAE .* not this LipschitzVAE") as err:
+        train(small_vae(), small_data(64), _config(epochs=2), resume=tmp_path / "s.pt")
+    assert "Missing key" not in str(err.value)
+
+
+def test_resuming_needs_more_epochs_and_an_optimizer(tmp_path):
+    model = small_vae()
+    train(model, small_data(64), _config(epochs=2, checkpoint=str(tmp_path / "ck.pt")))
+    for epochs in (1, 2):
+        with pytest.raises(ValueError, match="already trained 2 epochs"):
+            train(small_vae(), small_data(64), _config(epochs=epochs), resume=tmp_path / "ck.pt")
+    save_checkpoint(tmp_path / "bare.pt", model, epoch=2)
+    with pytest.raises(ValueError, match="holds no optimizer state"):
+        train(small_vae(), small_data(64), _config(epochs=3), resume=tmp_path / "bare.pt")
+
+
+def test_batch_larger_than_the_data_trains_nothing(tmp_path):
+    model = small_vae()
+    before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(ValueError, match="batch_size=128 is larger than the 100 training"):
+        train(model, small_data(100), _config(batch_size=128, checkpoint=str(tmp_path / "c.pt")))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert not (tmp_path / "c.pt").exists()
+
+
+def test_a_changed_model_record_is_a_clear_error(tmp_path):
+    save_checkpoint(tmp_path / "m.pt", small_vae())
+    state = torch.load(tmp_path / "m.pt", weights_only=True)
+    state["model"]["config"]["renamed_option"] = 3
+    torch.save(state, tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="does not build a LipschitzVAE of this version"):
+        load_checkpoint(tmp_path / "m.pt")
+
+
+def test_the_backend_is_not_part_of_a_checkpoint(tmp_path):
+    """A model trained with a forced backend loads anywhere: the backend is the machine's."""
+    model = small_vae()
+    model.config["backend"] = "torch"
+    save_checkpoint(tmp_path / "m.pt", model)
+    state = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert "backend" not in state["model"]["config"]
+    state["model"]["config"]["backend"] = "triton"  # as an older version saved it on a GPU
+    torch.save(state, tmp_path / "m.pt")
+    loaded = load_checkpoint(tmp_path / "m.pt").model
+    assert loaded.config["backend"] is None
+    loaded.eval()(small_data(4).images)
+
+
+def test_a_failed_save_leaves_no_temporary_and_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "m.pt"
+    model = small_vae()
+    save_checkpoint(path, model, epoch=1)
+    before = path.read_bytes()
+
+    def interrupted(obj, f, *args, **kwargs):
+        with open(f, "wb") if isinstance(f, (str, os.PathLike)) else contextlib.nullcontext(f) as h:
+            h.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, model, epoch=2)
+    assert path.read_bytes() == before
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_a_killed_save_is_cleaned_up_by_the_next(tmp_path):
+    """SIGKILL mid-save (nothing runs): the next save replaces the stray temporary."""
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, small_vae(), epoch=1)
+    before = path.read_bytes()
+    script = (
+        "import os, signal, sys, torch\n"
+        "sys.path.insert(0, sys.argv[2])\n"
+        "from train_setup import small_vae\n"
+        "from crvae_ext.checkpoint import save_checkpoint\n"
+        "def killed(obj, f, *a, **k):\n"
+        "    f = open(f, 'wb') if isinstance(f, (str, os.PathLike)) else f\n"
+        "    f.write(b'partial'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+        "torch.save = killed\n"
+        "save_checkpoint(sys.argv[1], small_vae(), epoch=2)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    done = subprocess.run([sys.executable, "-c", script, str(path), str(HERE)], env=env)
+    assert done.returncode == -9
+    stray = tmp_path / "m.pt.tmp"
+    assert stray.exists() and path.read_bytes() == before
+    save_checkpoint(path, small_vae(), epoch=3)
+    assert not stray.exists() and load_checkpoint(path).epoch == 3

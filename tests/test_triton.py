@@ -5,7 +5,6 @@ and autograd of the naive LipLinear formula in float64. Skipped where the interp
 (GPU machines run tests/test_triton_gpu.py instead).
 """
 
-import importlib
 import os
 
 import pytest
@@ -24,12 +23,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 if _backend.unusable_reason("triton", "cpu") is None:
-    # The op files share their op's name, which the package re-exports: import them by path.
-    _triton = importlib.import_module("crvae_ext._triton")
-    _common = importlib.import_module("crvae_ext._triton._common")
-    groupsort_module = importlib.import_module("crvae_ext._triton.groupsort")
-    lip_linear_module = importlib.import_module("crvae_ext._triton.lip_linear")
-    power_iteration_module = importlib.import_module("crvae_ext._triton.power_iteration")
+    from crvae_ext._triton import _common, kernels
+    from crvae_ext._triton import groupsort as groupsort_module
+    from crvae_ext._triton import power_iteration as power_iteration_module
+
+    _triton = kernels.cublas
 
 GROUP_SIZES = [2, 4, 8, 3, 5, 6, 16]
 # opcheck's AOT-dispatch test cannot trace interpreted kernels (FakeTensor data pointers);
@@ -203,10 +201,10 @@ def test_power_iteration_zero_weight_gives_zeros(power_path):
     assert float(sigma) == 0.0 and not u.any() and not v.any()
 
 
-@pytest.fixture(params=["cublas", "triton"])
-def gemm(request, monkeypatch):
-    """Both LipLinear GEMM variants (torch.mm + fused epilogues, Triton GEMM epilogues)."""
-    monkeypatch.setattr(lip_linear_module, "GEMM", request.param)
+@pytest.fixture(params=["triton", "triton_gemm"])
+def gemm(request):
+    """Both LipLinear GEMM variants: torch.mm + fused epilogues ("triton"), Triton GEMMs with
+    fused epilogues ("triton_gemm"); the value is the backend name."""
     return request.param
 
 
@@ -223,7 +221,8 @@ def test_lip_linear_matches_reference(gemm, shape, bias):
     x, w, b, sigma, u, v = _lip_problem(*shape, bias)
     k = 1.7
     scale = k / sigma
-    out = _triton.lip_linear(x, w, b, scale)
+    table = _backend.kernels(gemm)
+    out = table.lip_linear(x, w, b, scale)
     ref_out = reference.lip_linear(x, w, b, scale)
     assert torch.allclose(out, ref_out, rtol=1e-5, atol=1e-5)
     grad = torch.randn_like(out)
@@ -233,12 +232,14 @@ def test_lip_linear_matches_reference(gemm, shape, bias):
         (True, False, False),
         (False, False, True),
     ]:
-        got = _triton.lip_linear_backward(grad, x, w, b, ref_out, scale, u, v, k, needs)
         want = reference.lip_linear_backward(grad, x, w, b, ref_out, scale, u, v, k, needs)
-        for a, e in zip(got, want, strict=True):
-            assert (a is None) == (e is None)
-            if a is not None:
-                assert torch.allclose(a, e, rtol=1e-5, atol=1e-4)
+        kept = [ref_out] + ([None] if needs[0] else [])  # y is optional when grad_x is computed
+        for out_arg in kept:
+            got = table.lip_linear_backward(grad, x, w, b, out_arg, scale, u, v, k, needs)
+            for a, e in zip(got, want, strict=True):
+                assert (a is None) == (e is None)
+                if a is not None:
+                    assert torch.allclose(a, e, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -247,7 +248,7 @@ def test_lip_linear_gradients_match_naive_formula(gemm, bias):
     k = 2.5
     leaves = [t.clone().requires_grad_(True) for t in (x, w) + ((b,) if bias else ())]
     out = F.lip_linear(leaves[0], leaves[1], leaves[2] if bias else None, k / sigma, u, v, k,
-                       backend="triton")  # fmt: skip
+                       backend=gemm)  # fmt: skip
     out.sum().backward()  # an expanded (stride-0) output gradient
     exact = [t.detach().double().requires_grad_(True) for t in leaves]
     naive = naive_lip_linear(exact[0], exact[1], exact[2] if bias else None, u.double(),
@@ -293,19 +294,37 @@ def test_liplinear_training_matches_torch_backend():
     assert losses["triton"][-1] < losses["triton"][0]
 
 
-def test_cpu_tensors_go_to_the_cpu_backend_without_the_interpreter(monkeypatch):
-    """Compiled (GPU) kernels cannot take CPU tensors: the op hands them to cpp/torch."""
+def test_cpu_tensors_are_refused_without_the_interpreter(monkeypatch):
+    """Compiled (GPU) kernels cannot read CPU tensors: a clear error, never another backend."""
 
     def refuse(*args, **kwargs):
         raise AssertionError("a Triton kernel was launched for CPU tensors")
 
     monkeypatch.setattr(_common, "INTERPRETED", False)
     monkeypatch.setattr(_common, "launch", refuse)
-    x = torch.randn(4, 6)
-    assert torch.equal(ops.groupsort(x, 3, 1, "triton"), reference.groupsort(x, 3, 1))
-    w = torch.randn(5, 6)
-    got = ops.power_iteration(w, torch.randn(6), 2, "triton")
-    assert got[0] > 0
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for call in (
+        lambda: ops.groupsort(torch.randn(4, 6), 3, 1, "triton"),
+        lambda: ops.power_iteration(torch.randn(5, 6), torch.randn(6), 2, "triton"),
+        lambda: _triton.lip_linear(torch.randn(2, 3), torch.randn(4, 3), None, torch.ones(())),
+    ):
+        with pytest.raises(RuntimeError, match="the triton backend cannot run cpu tensors"):
+            call()
+
+
+def test_power_iteration_empty_weight_and_no_steps():
+    """Handled by the kernels' launcher itself (it used to hand them to another backend, which
+    on CUDA picked triton again: endless recursion)."""
+    for shape in ((0, 4), (3, 0)):
+        w, v = torch.randn(shape), torch.randn(shape[1])
+        for got, want in zip(
+            _triton.power_iteration(w, v, 2), reference.power_iteration(w, v, 2), strict=True
+        ):
+            assert torch.equal(got, want)
+    w, v = torch.randn(3, 4), torch.randn(4)
+    sigma, u, v_out = _triton.power_iteration(w, v, 0)
+    assert float(sigma) == 0 and not u.any() and torch.equal(v_out, v)
+    assert v_out.data_ptr() != v.data_ptr()
 
 
 def test_unusable_reasons(monkeypatch):

@@ -62,7 +62,29 @@ def test_sigma_is_capped_and_elbo_finite_for_extreme_inputs(vae):
     _, sigma = vae.encode(x)
     assert (sigma[:8] > 0).all() and (sigma >= 0).all()
     assert (sigma.norm(dim=1) <= 0.2 * (1 + 1e-6)).all()
-    assert torch.isfinite(vae.elbo(x)).all()  # saturated sigmoids: logits and clamped log
+    torch.manual_seed(0)
+    steep = LipschitzVAE(20, 4, hidden=(16,), lipschitz_decoder=1e3, lipschitz_mean=1e3,
+                         lipschitz_std=1e3, sigma_max=0.2)  # fmt: skip
+    pixels = torch.rand(16, 20)
+    _, sigma = steep.encode(pixels)
+    assert (steep.decoder[0](steep.encode(pixels)[0]).abs().amax(1) > 50).all()  # saturated
+    assert torch.isfinite(steep.elbo(pixels)).all()  # saturated sigmoids: logits, clamped log
+    gaussian = LipschitzVAE(20, 4, hidden=(16, 16), likelihood="gaussian", sigma_max=0.2)
+    assert torch.isfinite(gaussian.elbo(x)).all()
+
+
+@pytest.mark.parametrize("likelihood", ["continuous_bernoulli", "bernoulli"])
+def test_bernoulli_likelihoods_refuse_data_outside_the_unit_interval(likelihood):
+    model = LipschitzVAE(20, 4, hidden=(16,), likelihood=likelihood)
+    with pytest.raises(ValueError, match=rf"x must lie in \[0, 1\] for the {likelihood}"):
+        model.elbo(torch.randint(0, 256, (4, 20)).float())  # raw 0..255 pixels
+    with pytest.raises(ValueError, match="x contains NaN or inf"):
+        model.elbo(torch.full((2, 20), float("nan")))
+
+
+def test_beta_must_be_finite(vae):
+    with pytest.raises(ValueError, match="beta must be a finite number >= 0, got inf"):
+        vae.elbo(torch.rand(2, 20), beta=float("inf"))
 
 
 def test_decoder_output_ranges():
@@ -200,7 +222,7 @@ def test_bad_input(vae):
         vae.encode(torch.ones(3, 20, dtype=torch.long))
     with pytest.raises(ValueError, match="no target"):
         vae.verify_target()
-    with pytest.raises(ValueError, match="beta must be >= 0"):
+    with pytest.raises(ValueError, match="beta must be a finite number >= 0"):
         vae.elbo(torch.rand(2, 20), beta=-1.0)
 
 

@@ -17,6 +17,7 @@ import warnings
 
 import torch
 
+from .. import _meta, _torch_private
 from . import _build
 
 DISABLE_ENV = "CRVAE_NO_CPP"
@@ -92,9 +93,15 @@ def _load_once() -> str | None:
             stacklevel=3,
         )
         return reason
-    from . import _fake  # noqa: F401  (registers fake kernels for the loaded ops)
-
+    _register_fakes()
     return None
+
+
+def _register_fakes() -> None:
+    """The loaded ops' fake kernels: the same functions as the public ops' (``_meta``)."""
+    for name in ("groupsort", "groupsort_backward", "power_iteration", "lip_linear",
+                 "lip_linear_backward"):  # fmt: skip
+        torch.library.register_fake(f"{_build.LIBRARY_NAME}::{name}", getattr(_meta, name))
 
 
 def unusable_reason(device_type: str) -> str | None:
@@ -105,9 +112,7 @@ def unusable_reason(device_type: str) -> str | None:
     if device_type == "cpu":
         return None
     if device_type == "cuda":
-        if torch._C._dispatch_has_kernel_for_dispatch_key(
-            f"{_build.LIBRARY_NAME}::groupsort", "CUDA"
-        ):
+        if _torch_private.has_kernel(f"{_build.LIBRARY_NAME}::groupsort", "CUDA"):
             return None
         return "built without CUDA kernels (they need torch with CUDA and nvcc at build time)"
     return f"no {device_type} kernels"

@@ -1,27 +1,16 @@
-"""Shared launch plumbing for the Triton kernels: interpreter mode, CPU delegation, tracing.
+"""Shared launch plumbing for the Triton kernels: interpreter mode, device checks, tracing.
 
 Kept apart from the kernels so that each op's file holds only its kernel and launcher.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-from collections.abc import Iterator
-from types import ModuleType
 
 import torch
 import triton
 from torch.library import wrap_triton
-from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-try:  # private torch API (2.6+): launching without the tracing wrapper saves ~1 ms in eager
-    from torch._library.triton import set_wrap_triton_enabled as _set_wrap_triton_enabled
-except ImportError:
-    _set_wrap_triton_enabled = None
-
-from .. import _backend
 
 # @triton.jit decides at decoration time whether it builds interpreted or compiled kernels.
 INTERPRETED = bool(triton.knobs.runtime.interpret)
@@ -45,35 +34,18 @@ def unusable_reason(device_type: str) -> str | None:
     return None
 
 
-def runs_here(device: torch.device) -> bool:
-    """True where the kernels themselves run: CUDA, or any device under the interpreter."""
-    return INTERPRETED or device.type == "cuda"
-
-
-def delegate(device: torch.device) -> ModuleType:
-    """The best non-Triton backend for ``device``: the C++ one when built, else the reference."""
-    return _backend.kernels(_backend.resolve("auto", device))
+def require_device(tensor: torch.Tensor) -> None:
+    """Refuse tensors the kernels cannot read: only CUDA ones, or any under the interpreter
+    (``_backend.resolve`` never picks this backend for them; this catches direct op calls)."""
+    if not (INTERPRETED or tensor.device.type == "cuda"):
+        reason = unusable_reason(tensor.device.type)
+        raise RuntimeError(f"the triton backend cannot run {tensor.device.type} tensors: {reason}")
 
 
 def launch(kernel: object, grid: tuple[int, ...]) -> object:
-    """``kernel[grid]`` through wrap_triton, so torch.compile and make_fx can trace it."""
+    """``kernel[grid]`` through wrap_triton, so torch.compile and make_fx can trace it (a
+    direct launch inside ``_torch_private.direct_triton_launches``)."""
     return wrap_triton(kernel)[grid]
-
-
-@contextlib.contextmanager
-def eager_launches(*tensors: torch.Tensor) -> Iterator[None]:
-    """Launch kernels directly (no tracing HOP, ~1 ms less) when nothing is being traced.
-
-    triton_op bodies get this from torch already; the LipLinear backward runs inside the
-    autograd formula, outside any op, and needs it explicitly.
-    """
-    plain = all(type(t) is torch.Tensor for t in tensors if t is not None)
-    if plain and _set_wrap_triton_enabled is not None and _get_current_dispatch_mode() is None:
-        if not torch.compiler.is_compiling():
-            with _set_wrap_triton_enabled(False):
-                yield
-            return
-    yield
 
 
 @functools.cache

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _torch_private
 from . import _common
 
 NETWORK_SIZES = (2, 4, 8)
@@ -274,15 +275,15 @@ def _launch(x: torch.Tensor, grad: torch.Tensor | None, group_size: int, dim: in
 
 def groupsort(x: torch.Tensor, group_size: int, dim: int) -> torch.Tensor:
     """Sort ascending (stable) inside consecutive groups of ``group_size`` along ``dim``."""
-    if not _common.runs_here(x.device):
-        return _common.delegate(x.device).groupsort(x, group_size, dim)
-    return _launch(x, None, group_size, dim % x.dim())
+    _common.require_device(x)
+    with _torch_private.direct_triton_launches(x):
+        return _launch(x, None, group_size, dim % x.dim())
 
 
 def groupsort_backward(
     grad: torch.Tensor, x: torch.Tensor, group_size: int, dim: int
 ) -> torch.Tensor:
     """Gradient of ``groupsort``: grad at sorted place k goes back to the member sorted there."""
-    if not _common.runs_here(x.device):
-        return _common.delegate(x.device).groupsort_backward(grad, x, group_size, dim)
-    return _launch(x, grad.contiguous(), group_size, dim % x.dim())
+    _common.require_device(x)
+    with _torch_private.direct_triton_launches(grad, x):
+        return _launch(x, grad.contiguous(), group_size, dim % x.dim())

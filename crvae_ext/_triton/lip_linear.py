@@ -3,14 +3,16 @@
 Forward y = scale * (x W^T) + b. Backward, with G the output gradient and s = scale:
 grad_x = s G W, grad_b = 1^T G, grad_W = s G^T x - coef u v^T, coef = (s / k) <G, y - b>.
 
-Two GEMM variants, chosen by the module-level ``GEMM`` (the GPU check measures both):
-- "cublas" (default): torch.mm for every GEMM (cuBLAS, honours allow_tf32), then ONE fused
-  elementwise kernel each way: the forward epilogue (scale, bias) in place on x W^T; in the
-  backward one pass over G and y writes g = s G and the partial column sums and <G, y - b>
-  sums, and the rank-1 term is subtracted from grad_W in place, coef summed on the device.
+Two GEMM variants, the ``gemm`` argument (backend "triton" passes "cublas", backend
+"triton_gemm" passes "triton"; the GPU check measures both):
+- "cublas": torch.mm for every GEMM (cuBLAS, honours allow_tf32), then ONE fused elementwise
+  kernel each way: the forward epilogue (scale, bias) in place on x W^T; in the backward one
+  pass over G (and y) writes g = s G and the partial column sums (and <G, y - b> sums), and the
+  rank-1 term is subtracted from grad_W in place, coef summed on the device.
 - "triton": Triton GEMMs with scale/bias/rank-1 fused into their epilogues (no extra pass over
   the output or grad_W); the backward's elementwise kernel then only reduces. fp32 uses TF32
   exactly when torch.backends.cuda.matmul.allow_tf32 does; fp64 always takes "cublas".
+<G, y - b> is <grad_x, x> when grad_x is computed (y is then not needed).
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import accumulate_dtype
+from .. import _torch_private
+from .._meta import Grads, accumulate_dtype
 from . import _common
 
-GEMM = "cublas"
+GEMMS = ("cublas", "triton")
 _TILE_ROWS, _TILE_COLS = 32, 128  # elementwise tiles
 _DOT_CHUNK = 256  # partial dot products summed at a time
 # Row splits of the backward reductions: fixed, so partial counts stay static under compile;
@@ -192,8 +195,10 @@ def _matmul(a, b, out, scale, *, bias=None, rank1=None, inv_k=1.0) -> torch.Tens
     return out
 
 
-def _gemm_variant(dtype: torch.dtype) -> str:
-    return "cublas" if dtype == torch.float64 else GEMM
+def _gemm_variant(dtype: torch.dtype, gemm: str) -> str:
+    if gemm not in GEMMS:
+        raise ValueError(f"gemm must be one of {GEMMS}, got {gemm!r}")
+    return "cublas" if dtype == torch.float64 else gemm
 
 
 def _epilogue(out: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -206,17 +211,21 @@ def _epilogue(out: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None)
 
 
 def lip_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor,
+    gemm: str = "cublas",
 ) -> torch.Tensor:
     """y = scale * (x W^T) + b for a 2-D ``x``; scale is a device 0-d tensor (never read here)."""
-    if not _common.runs_here(x.device):
-        return _common.delegate(x.device).lip_linear(x, weight, bias, scale)
-    if _gemm_variant(x.dtype) == "triton":
-        out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-        return _matmul(x, weight.t(), out, scale, bias=bias)
-    out = torch.mm(x, weight.t())
-    _epilogue(out, scale, bias)
-    return out
+    _common.require_device(x)
+    with _torch_private.direct_triton_launches(x, weight, bias, scale):
+        if _gemm_variant(x.dtype, gemm) == "triton":
+            out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+            return _matmul(x, weight.t(), out, scale, bias=bias)
+        out = torch.mm(x, weight.t())
+        _epilogue(out, scale, bias)
+        return out
 
 
 def _reductions(grad, out, bias, scale, write_g: bool, need_dot: bool):
@@ -230,7 +239,8 @@ def _reductions(grad, out, bias, scale, write_g: bool, need_dot: bool):
     colsum = torch.empty(splits, cols, dtype=acc, device=grad.device)
     dots = torch.empty(splits * col_blocks, dtype=acc, device=grad.device)
     _common.launch(_lip_linear_grad_kernel, (col_blocks, splits))(
-        grad, grad.stride(0), grad.stride(1), out, bias if bias is not None else scale, scale,
+        grad, grad.stride(0), grad.stride(1), out if out is not None else grad,
+        bias if bias is not None else scale, scale,
         g if g is not None else colsum, colsum, dots, rows, cols, rows_per_split,
         HAS_BIAS=bias is not None, WRITE_G=write_g, NEED_DOT=need_dot,
         BR=_TILE_ROWS, BC=_TILE_COLS,
@@ -252,44 +262,50 @@ def lip_linear_backward(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    out: torch.Tensor,
+    out: torch.Tensor | None,
     scale: torch.Tensor,
     u: torch.Tensor,
     v: torch.Tensor,
     lipschitz: float,
-    needs: tuple[bool, bool, bool],
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of y = k x W^T / (u^T W v) + b w.r.t. (x, W, b), u and v held constant."""
-    if not _common.runs_here(x.device):
-        return _common.delegate(x.device).lip_linear_backward(
-            grad, x, weight, bias, out, scale, u, v, lipschitz, needs
-        )
-    with _common.eager_launches(grad, x, weight, bias, out, scale, u, v):
-        return _backward(grad, x, weight, bias, out, scale, u, v, 1.0 / lipschitz, needs)
+    needs: tuple[bool, bool, bool] | list[bool],
+    gemm: str = "cublas",
+) -> Grads:
+    """Gradients of y = k x W^T / (u^T W v) + b w.r.t. (x, W, b), u and v held constant;
+    ``out`` (y) may be None when x needs a gradient."""
+    _common.require_device(x)
+    need_x, need_w, _ = needs
+    if need_w and out is None and not need_x:
+        raise ValueError("lip_linear_backward: out is required when x needs no gradient")
+    with _torch_private.direct_triton_launches(grad, x, weight, bias, out, scale, u, v):
+        return _backward(grad, x, weight, bias, out, scale, u, v, 1.0 / lipschitz, needs,
+                         _gemm_variant(grad.dtype, gemm) == "triton")  # fmt: skip
 
 
-def _backward(grad, x, weight, bias, out, scale, u, v, inv_k, needs):
+def _backward(grad, x, weight, bias, out, scale, u, v, inv_k, needs, fused):
     need_x, need_w, need_b = needs
     has_bias = bias is not None
-    fused = _gemm_variant(grad.dtype) == "triton"
     if not (need_x or need_w or (need_b and has_bias)):
         return None, None, None
+    from_y = need_w and not need_x  # <G, y - b> from y; else from <grad_x, x>
     g, colsum, dots = _reductions(
-        grad, out, bias, scale, write_g=not fused and (need_x or need_w), need_dot=need_w
+        grad, out, bias, scale, write_g=not fused and (need_x or need_w), need_dot=from_y
     )
     grad_b = colsum.sum(0).to(bias.dtype) if has_bias and need_b else None
     grad_x = grad_w = None
-    if fused:
-        if need_x:
+    if need_x:
+        if fused:
             grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
             _matmul(grad, weight, grad_x, scale)
+        else:
+            grad_x = torch.mm(g, weight)
         if need_w:
+            acc = dots.dtype
+            dots = torch.vdot(grad_x.reshape(-1).to(acc), x.reshape(-1).to(acc)).reshape(1)
+    if need_w:
+        if fused:
             grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format)
             _matmul(grad.t(), x, grad_w, scale, rank1=(dots, u, v), inv_k=inv_k)
-        return grad_x, grad_w, grad_b
-    if need_x:
-        grad_x = torch.mm(g, weight)
-    if need_w:
-        grad_w = torch.mm(g.t(), x)
-        _rank1(grad_w, u, v, dots, scale, inv_k)
+        else:
+            grad_w = torch.mm(g.t(), x)
+            _rank1(grad_w, u, v, dots, scale, inv_k)
     return grad_x, grad_w, grad_b

@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import accumulate_dtype
+from .. import _torch_private
+from .._meta import accumulate_dtype
 from . import _common
 
 SMALL_WEIGHT = 16384  # padded elements up to which every step runs in one program
@@ -194,16 +195,19 @@ def power_iteration(
     weight: torch.Tensor, v: torch.Tensor, n_iters: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``n_iters`` steps of u = W v/|W v|, v = W^T u/|W^T u|; returns (sigma, u, v)."""
-    if not _common.runs_here(weight.device):
-        return _common.delegate(weight.device).power_iteration(weight, v, n_iters)
+    _common.require_device(weight)
     m, n = (int(size) for size in weight.shape)  # block sizes are compile-time constants
     acc = accumulate_dtype(weight.dtype)
-    if n_iters <= 0 or weight.numel() == 0:
-        return _common.delegate(weight.device).power_iteration(weight, v, n_iters)
+    if n_iters <= 0:  # no step: the reference's zero sigma and u, v as given
+        return weight.new_zeros((), dtype=acc), weight.new_zeros(m, dtype=acc), v.to(acc, copy=True)
+    if weight.numel() == 0:  # W v and W^T u are zero vectors: the reference's floors give 0
+        zeros = weight.new_zeros
+        return zeros((), dtype=acc), zeros(m, dtype=acc), zeros(n, dtype=acc)
     sigma = torch.empty((), dtype=acc, device=weight.device)
     u = torch.empty(m, dtype=acc, device=weight.device)
     v_out = torch.empty(n, dtype=acc, device=weight.device)
     small = triton.next_power_of_2(m) * triton.next_power_of_2(n) <= SMALL_WEIGHT
     path = _small if small else _large
-    path(weight.detach(), v.detach().contiguous(), n_iters, (sigma, u, v_out))
+    with _torch_private.direct_triton_launches(weight, v):
+        path(weight.detach(), v.detach().contiguous(), n_iters, (sigma, u, v_out))
     return sigma, u, v_out

@@ -2,27 +2,32 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import weakref
 from typing import Any
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .. import _backend, _checks, bounds
+from .. import _backend, _checks, _torch_private, bounds
 from .. import functional as F
 
 METHODS = ("spectral", "bjorck")
 _SIGMA_FLOOR = 1e-12
-_optimizer_steps = [0]
+# The eval state runs the power iteration until sigma_hat moves by less than this (relative)
+# over _CHECK_EVERY steps, at most _MAX_STEPS steps.
+_TOLERANCE = 1e-7
+_CHECK_EVERY = 10
+_MAX_STEPS = 2000
 
 
-def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    """Fused optimizers update weights without bumping their version: count steps instead."""
-    _optimizer_steps[0] += 1
-
-
-register_optimizer_step_post_hook(_count_optimizer_step)
+def _count_gradient(layer_ref: weakref.ref, weight: torch.Tensor) -> None:
+    """Post-accumulate-grad hook: a gradient reached the weight, so a step may follow (fused
+    optimizers change weights without bumping their version counter)."""
+    layer = layer_ref()
+    if layer is not None:
+        layer._gradients += 1
 
 
 class LipLinear(nn.Module):
@@ -32,7 +37,7 @@ class LipLinear(nn.Module):
     that advances ``n_power_iterations`` steps per training forward; the backward is analytic
     (one GEMM like nn.Linear plus a rank-1 term), with no normalised copy of W.
     method="bjorck": W_eff = k * Bjorck(W / sigma_hat), orthonormal, gradient-norm preserving.
-    Eval mode reuses a cached sigma_hat (or W_eff) until the weight or the buffers change.
+    Eval mode converges sigma_hat once per weight state and caches it.
     ``lipschitz_bound()`` is an exact upper bound from the eval-mode W_eff, never an estimate.
     """
 
@@ -52,13 +57,14 @@ class LipLinear(nn.Module):
         super().__init__()
         self.in_features = _checks.integer("in_features", in_features, 1)
         self.out_features = _checks.integer("out_features", out_features, 1)
-        self.lipschitz = lipschitz
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.method = method
         self.n_power_iterations = _checks.integer("n_power_iterations", n_power_iterations, 1)
         self.bjorck_iterations = _checks.integer("bjorck_iterations", bjorck_iterations, 1)
         self.backend = _backend.check_name(backend)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
         if bias:
@@ -67,8 +73,11 @@ class LipLinear(nn.Module):
             self.register_parameter("bias", None)
         self.register_buffer("u", torch.empty(out_features, **factory))
         self.register_buffer("v", torch.empty(in_features, **factory))
+        self.lipschitz = lipschitz
         self._cache: tuple | None = None
         self._bjorck_cache: tuple | None = None
+        self._gradients = 0
+        self._watched: weakref.ref | None = None
         self.reset_parameters()
 
     @property
@@ -78,7 +87,9 @@ class LipLinear(nn.Module):
 
     @lipschitz.setter
     def lipschitz(self, value: float) -> None:
-        self._lipschitz = _checks.positive_finite("lipschitz", value)
+        value = _checks.positive_finite("lipschitz", value)
+        _check_representable(value, self.weight.dtype)
+        self._lipschitz = value
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, lipschitz: float = 1.0, **kwargs: Any) -> LipLinear:
@@ -99,7 +110,13 @@ class LipLinear(nn.Module):
         return layer.converge_()
 
     def reset_parameters(self) -> None:
-        """Orthogonal weight (all singular values equal), nn.Linear's bias, converged sigma_hat."""
+        """Orthogonal weight (all singular values equal), nn.Linear's bias, converged sigma_hat.
+
+        On the meta device (no values) nothing is initialised: materialise with ``to_empty``,
+        then call this again.
+        """
+        if self.weight.is_meta:
+            return
         with torch.no_grad():
             self.weight.copy_(
                 nn.init.orthogonal_(torch.empty_like(self.weight, dtype=torch.float32))
@@ -113,48 +130,70 @@ class LipLinear(nn.Module):
 
     @torch.no_grad()
     def converge_(
-        self, tol: float = 1e-7, max_iters: int = 2000, check_every: int = 10
+        self, tol: float = _TOLERANCE, max_iters: int = _MAX_STEPS, check_every: int = _CHECK_EVERY
     ) -> LipLinear:
-        """Advance the power iteration until sigma_hat changes by < ``tol`` (relative).
-
-        A zero or non-finite state vector is re-seeded first.
-        """
+        """Advance the power iteration until sigma_hat changes by < ``tol`` (relative) over
+        ``check_every`` steps; the buffers keep the result. A zero or non-finite state vector is
+        re-seeded first."""
         if not bool(torch.isfinite(self.v).all()) or float(self.v.norm()) == 0:
             self.v.normal_()
-        previous = None
-        for _ in range(0, max_iters, check_every):
-            current = float(self._advance(check_every)[0])
-            if previous is not None and abs(current - previous) <= tol * abs(current):
-                break
-            previous = current
+        self._store(*self._converged(self.v, tol, max_iters, check_every))
         return self
 
-    def _advance(self, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``steps`` power-iteration steps; the buffers advance in place unless W v = 0 (a zero
-        weight), which would leave a zero state no later weight could recover from."""
-        sigma, u, v = F.power_iteration(self.weight, self.v, steps, self.backend)
+    def _converged(
+        self,
+        start: torch.Tensor,
+        tol: float = _TOLERANCE,
+        max_iters: int = _MAX_STEPS,
+        check_every: int = _CHECK_EVERY,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sigma, u, v) of the power iteration from ``start`` run to ``tol``; the buffers are
+        left as they are. One step on the meta device (no values to test)."""
+        sigma, u, v = F.power_iteration(self.weight, start, 1, self.backend)
+        if self.weight.is_meta:
+            return sigma, u, v
+        previous = float(sigma)
+        for _ in range(0, max_iters, check_every):
+            sigma, u, v = F.power_iteration(self.weight, v, check_every, self.backend)
+            current = float(sigma)
+            if abs(current - previous) <= tol * abs(current):
+                break
+            previous = current
+        return sigma, u, v
+
+    def _store(self, sigma: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> None:
+        """Copy a power-iteration result into the buffers, unless it came from a zero weight
+        (W v = 0), which would leave a zero state no later weight could recover from."""
         moved = sigma > 0
         self.u.copy_(torch.where(moved, u, self.u))
         self.v.copy_(torch.where(moved, v, self.v))
-        return sigma, u, v
 
     def _scale(self, sigma: torch.Tensor) -> torch.Tensor:
         """k / sigma_hat as a 0-d tensor (fp32, fp64 for fp64): the exact factor applied."""
         return self._lipschitz / sigma.clamp_min(_SIGMA_FLOOR)
 
     def _iterate(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One training forward's power-iteration step; the buffers advance in place."""
+        """One training forward's power-iteration steps; the buffers advance in place, except
+        under torch.func transforms, which need a pure function (the step is still used)."""
         with torch.no_grad():
-            sigma, u, v = self._advance(self.n_power_iterations)
+            sigma, u, v = F.power_iteration(
+                self.weight, self.v, self.n_power_iterations, self.backend
+            )
+            if not _torch_private.functorch_active():
+                self._store(sigma, u, v)
         return self._scale(sigma), u, v
 
     def _eval_key(self) -> tuple:
+        """What the eval state depends on; version counters see in-place edits under no_grad,
+        the gradient count sees the steps of fused optimizers (which bump no version)."""
+        self._watch()
         w = self.weight
         return (
-            _optimizer_steps[0],
             w._version,
             w.data_ptr(),
             w.dtype,
+            w.device,
+            self._gradients,
             self.u._version,
             self.v._version,
             self.u.data_ptr(),
@@ -163,16 +202,31 @@ class LipLinear(nn.Module):
             self.bjorck_iterations,
         )
 
+    def _watch(self) -> None:
+        """Count gradients reaching the current weight (hooks do not survive deepcopy or a new
+        Parameter, so this re-registers whenever the weight object changed)."""
+        watched = self._watched() if self._watched is not None else None
+        if watched is self.weight or not self.weight.requires_grad:
+            return
+        self.weight.register_post_accumulate_grad_hook(
+            functools.partial(_count_gradient, weakref.ref(self))
+        )
+        self._watched = weakref.ref(self.weight)
+
     def _frozen(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(scale, u, v) for eval: one power-iteration step from the buffer v, which stays as it
-        is. sigma_hat = u^T W v holds for the pair and is >= 0 whatever happened to W."""
-        with torch.no_grad():
-            sigma, u, v = F.power_iteration(self.weight, self.v, 1, self.backend)
-        return self._scale(sigma), u, v
+        """(scale, u, v) for eval: the power iteration from the buffer v, which stays as it is,
+        run to convergence (one step under torch.compile, which cannot loop on a tolerance).
+        sigma_hat = u^T W v holds for the pair and is >= 0 whatever happened to W."""
+        with torch.no_grad(), torch.inference_mode(False):
+            if torch.compiler.is_compiling():
+                sigma, u, v = F.power_iteration(self.weight, self.v, 1, self.backend)
+            else:
+                sigma, u, v = self._converged(self.v)
+            return self._scale(sigma), u, v
 
     def _eval_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if torch.compiler.is_compiling():
-            return self._frozen()
+        if torch.compiler.is_compiling() or _torch_private.functorch_active():
+            return self._frozen()  # the weight may be a transform's (functional_call): no cache
         key = self._eval_key()
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, *self._frozen())
@@ -200,7 +254,8 @@ class LipLinear(nn.Module):
 
     def _bjorck_weight(self, scale: torch.Tensor) -> torch.Tensor:
         """Björck weight: differentiable when gradients reach the weight, else cached in eval."""
-        if self.training or (torch.is_grad_enabled() and self.weight.requires_grad):
+        uncached = torch.compiler.is_compiling() or _torch_private.functorch_active()
+        if self.training or uncached or (torch.is_grad_enabled() and self.weight.requires_grad):
             return self._bjorck(scale)
         return self._bjorck_cached(scale)
 
@@ -208,19 +263,22 @@ class LipLinear(nn.Module):
     def _bjorck_cached(self, scale: torch.Tensor) -> torch.Tensor:
         key = self._eval_key()
         if self._bjorck_cache is None or self._bjorck_cache[0] != key:
-            self._bjorck_cache = (key, self._bjorck(scale))
+            with torch.inference_mode(False):
+                self._bjorck_cache = (key, self._bjorck(scale))
         return self._bjorck_cache[1]
 
     @torch.no_grad()
     def effective_weight(self) -> torch.Tensor:
-        """The weight the eval-mode forward applies (detached; the same cached tensors)."""
+        """The weight the eval-mode forward applies, rounded to the layer's dtype (detached;
+        the same cached tensors): what ``to_linear`` exports."""
         scale = self._eval_state()[0]
         if self.method == "spectral":
             return (self.weight.detach().to(scale.dtype) * scale).to(self.weight.dtype)
         return self._bjorck_cached(scale)
 
     def lipschitz_bound(self) -> float:
-        """Exact upper bound on the eval-mode Lipschitz constant, from the weights (float64).
+        """Exact upper bound on the Lipschitz constant of the eval-mode forward AND of its
+        export ``to_linear()``, from the weights (float64; derivation in the README).
 
         The eval state is refreshed first, so the bound and every later eval forward describe
         the same, current weights (even after an in-place ``weight.data`` edit).
@@ -228,8 +286,10 @@ class LipLinear(nn.Module):
         self.invalidate_cache()
         with torch.no_grad():
             if self.method == "spectral":
-                scale = float(self._eval_state()[0].double())
-                return bounds.spectral_norm_bound(self.weight, "LipLinear.weight") * scale
+                _checks.finite_tensor("LipLinear.weight", self.weight)
+                return bounds.scaled_norm_bound(
+                    self.weight, self._eval_state()[0], self.effective_weight(), "LipLinear"
+                )
             return bounds.spectral_norm_bound(
                 self.effective_weight(), "LipLinear's Björck weight (try converge_())"
             )
@@ -248,14 +308,39 @@ class LipLinear(nn.Module):
 
     to_plain = to_linear
 
-    def get_extra_state(self) -> dict[str, float]:
-        return {"lipschitz": self._lipschitz}
+    def _apply(self, fn, recurse: bool = True):
+        """Refuse a dtype the constant k cannot be represented in, before converting."""
+        target = fn(self.weight.detach().new_empty(0)).dtype
+        _check_representable(self._lipschitz, target)
+        return super()._apply(fn, recurse)
 
-    def set_extra_state(self, state: dict[str, float]) -> None:
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "lipschitz": self._lipschitz,
+            "method": self.method,
+            "bjorck_iterations": self.bjorck_iterations,
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
         self.lipschitz = state["lipschitz"]
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        extra = state_dict.get(prefix + "_extra_state")
+        if isinstance(extra, dict):
+            for name in ("method", "bjorck_iterations"):
+                if name in extra and extra[name] != getattr(self, name):
+                    error_msgs.append(
+                        f"{prefix}{name}: the state dict was saved by a LipLinear with "
+                        f"{name}={extra[name]!r}, this one has {name}={getattr(self, name)!r} "
+                        "(the same weights give a different function); build the layer with "
+                        f"{name}={extra[name]!r}"
+                    )
+                    return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         if prefix + "v" not in state_dict or prefix + "u" not in state_dict:
             self.converge_()
 
@@ -263,4 +348,15 @@ class LipLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, lipschitz={self._lipschitz:g}, method={self.method!r}"
+        )
+
+
+def _check_representable(k: float, dtype: torch.dtype) -> None:
+    """k must be a normal number of ``dtype``: beyond its range the output is inf or 0."""
+    info = torch.finfo(dtype)
+    if not info.tiny <= k <= info.max:
+        raise ValueError(
+            f"lipschitz={k:g} cannot be represented in {str(dtype).removeprefix('torch.')} "
+            f"(normal numbers {info.tiny:.3g} .. {info.max:.3g}): choose k in that range "
+            "or a wider dtype"
         )

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._context import eval_mode
-from .attacks import max_damage
+from .._context import eval_mode
+from ..attacks import max_damage
 from .evaluate import EvalSettings, Evaluation
 
 
@@ -106,7 +106,7 @@ def margin_scatter(results: list[Evaluation], path: Path) -> Path:
 
 def sweep_radii(lipschitz, results: list[Evaluation], settings, path: Path) -> Path:
     """Certified radius against L: the paper's formula, ours (a priori, per input), margins."""
-    from .certify import certified_radius
+    from ..certify import certified_radius
 
     plt = _pyplot()
     ev, cap, m = settings.evaluation, settings.sigma_max, settings.latent_dim

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from . import radius as radius_math
-from .attacks import empirical_margin, max_damage
-from .certify import LipschitzConstants, a_priori_radius, certify, robustness_probability
-from .train import evaluate_elbo
+from .. import radius as radius_math
+from ..attacks import empirical_margin, max_damage
+from ..certify import LipschitzConstants, a_priori_radius, certify, robustness_probability
+from ..train import evaluate_elbo
 
 
 @dataclass

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
+from ..certify import certified_radius
+from ..data import dataset
+from ..train import TrainConfig, train
+from ..vae import LipschitzVAE, StandardVAE
 from . import figures
-from .certify import certified_radius
-from .data import dataset
 from .demo import DATA_NOTE
 from .evaluate import EvalSettings, Evaluation, evaluate
-from .train import TrainConfig, train
-from .vae import LipschitzVAE, StandardVAE
 
 
 @dataclass

@@ -1,0 +1,68 @@
+"""Every private torch API the package uses, each behind a guard with a safe fallback.
+
+A torch release that moves one of these costs speed (the conservative fallback), never
+correctness. Imports nothing from crvae_ext.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+
+
+def _lookup(path: str) -> Callable | None:
+    """The callable at dotted ``path`` below ``torch``, or None where this torch lacks it."""
+    target: object = torch
+    for part in path.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            return None
+    return target if callable(target) else None
+
+
+_functorch_active = _lookup("_C._are_functorch_transforms_active")
+_has_kernel = _lookup("_C._dispatch_has_kernel_for_dispatch_key")
+
+
+def functorch_active() -> bool:
+    """True under a torch.func transform (vmap, grad, jacrev, ...); True where unknowable, so
+    callers take their transform-safe path."""
+    return True if _functorch_active is None else bool(_functorch_active())
+
+
+def has_kernel(op_name: str, dispatch_key: str) -> bool:
+    """Whether ``op_name`` (e.g. "lib::op") has a kernel for ``dispatch_key``; False where
+    unknowable."""
+    return False if _has_kernel is None else bool(_has_kernel(op_name, dispatch_key))
+
+
+try:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode as _dispatch_mode
+except ImportError:
+    _dispatch_mode = None
+
+try:
+    from torch._library.triton import set_wrap_triton_enabled as _set_wrap_triton_enabled
+except ImportError:
+    _set_wrap_triton_enabled = None
+
+
+def tracing(*tensors: torch.Tensor | None) -> bool:
+    """True where a launch may be traced: compiling, a dispatch mode (fake tensors, make_fx,
+    functionalization) or a tensor subclass; True where unknowable."""
+    if torch.compiler.is_compiling() or _dispatch_mode is None or _dispatch_mode() is not None:
+        return True
+    return any(t is not None and type(t) is not torch.Tensor for t in tensors)
+
+
+@contextlib.contextmanager
+def direct_triton_launches(*tensors: torch.Tensor | None) -> Iterator[None]:
+    """Let ``wrap_triton(kernel)[grid]`` launch the kernel directly (no tracing wrapper,
+    measurably less host time per launch) where nothing can be tracing it."""
+    if _set_wrap_triton_enabled is None or tracing(*tensors):
+        yield
+        return
+    with _set_wrap_triton_enabled(False):
+        yield
