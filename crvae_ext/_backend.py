@@ -29,6 +29,7 @@ _TABLES = {  # module, or module:attribute
 _PREFERENCE = {"cuda": ("triton", "cpp", "torch"), "cpu": ("cpp", "torch")}
 
 
+@functools.cache
 def kernels(name: str) -> Any:
     """The module (or namespace) holding backend ``name``'s kernel functions."""
     module, _, attribute = _TABLES[name].partition(":")
@@ -77,21 +78,28 @@ def backends(device: torch.device | str | None = None) -> list[str]:
     return [b for b in BACKENDS if any(unusable_reason(b, t) is None for t in types)]
 
 
-@torch.compiler.assume_constant_result
+@_torch_private.assume_constant_result
 def resolve(backend: str | None, device: torch.device) -> str:
     """The concrete backend for a call: the argument, else $CRVAE_BACKEND, else the best usable.
 
     A forced backend that cannot run on ``device`` is an error, never a silent fallback.
     """
-    name = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
+    environ = os.environ
+    return _resolve(backend, device.type, environ.get(ENV_VAR), environ.get("TRITON_INTERPRET"))
+
+
+@functools.cache
+def _resolve(backend: str | None, device_type: str, env: str | None, _interpret: str | None):
+    """``resolve`` for one state of the environment (errors are raised, never cached)."""
+    name = backend if backend is not None else (env or "auto")
     if backend is None and name != "auto" and name not in BACKENDS:
         raise ValueError(f"${ENV_VAR} must be 'auto' or one of {BACKENDS}, got {name!r}")
     if name == "auto":
-        for candidate in _PREFERENCE.get(device.type, ("torch",)):
-            if unusable_reason(candidate, device.type) is None:
+        for candidate in _PREFERENCE.get(device_type, ("torch",)):
+            if unusable_reason(candidate, device_type) is None:
                 return candidate
-    reason = unusable_reason(name, device.type)
+    reason = unusable_reason(name, device_type)
     if reason is not None:
         source = "backend" if backend is not None else f"${ENV_VAR}"
-        raise RuntimeError(f"{source}={name!r} cannot run {device.type} tensors: {reason}")
+        raise RuntimeError(f"{source}={name!r} cannot run {device_type} tensors: {reason}")
     return name

@@ -38,6 +38,13 @@ def has_kernel(op_name: str, dispatch_key: str) -> bool:
     return False if _has_kernel is None else bool(_has_kernel(op_name, dispatch_key))
 
 
+def assume_constant_result(fn: Callable) -> Callable:
+    """``torch.compiler.assume_constant_result`` without its import of torch._dynamo (seconds
+    at ``import crvae_ext``): the mark it sets, which tests/test_backend.py checks against it."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 try:
     from torch.utils._python_dispatch import _get_current_dispatch_mode as _dispatch_mode
 except ImportError:

@@ -12,7 +12,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from scipy import stats
 
 from . import _checks, radius
 from ._context import eval_mode
@@ -221,7 +220,10 @@ class ProbabilityEstimate:
 
 
 def clopper_pearson(successes: np.ndarray, n: int, confidence: float) -> tuple[np.ndarray, ...]:
-    """Exact two-sided binomial interval (scipy's beta quantiles)."""
+    """Exact two-sided binomial interval (scipy's beta quantiles; scipy is imported here only,
+    so that ``import crvae_ext`` stays light)."""
+    from scipy import stats
+
     alpha = 1 - confidence
     k = np.asarray(successes, dtype=np.float64)
     with np.errstate(invalid="ignore"):

@@ -87,14 +87,6 @@ def call(name: str, backend: str, *args: Any) -> Any:
     return _PUBLIC[name](*args, backend)
 
 
-def _apply(function: type[torch.autograd.Function], *args: Any) -> Any:
-    """``function.apply(*args)``; in plain eager mode through the C-level apply, which skips
-    Function.apply's per-call signature binding (every argument here is positional)."""
-    if _backend.plain_eager():
-        return super(torch.autograd.Function, function).apply(*args)
-    return function.apply(*args)
-
-
 def _batch_first(t: torch.Tensor, bdim: int | None, size: int) -> torch.Tensor:
     """A vmapped argument with its batch dimension first (expanded where it has none)."""
     return t.movedim(bdim, 0) if bdim is not None else t.expand(size, *t.shape)
@@ -140,7 +132,9 @@ def _permute_like_groupsort(t: torch.Tensor, x: torch.Tensor, group_size: int, d
 class _GroupSort(torch.autograd.Function):
     @staticmethod
     def forward(x, group_size, dim, backend):
-        return call("groupsort", backend, x, group_size, dim)
+        if _backend.plain_eager():
+            return _backend.kernels(backend).groupsort(x, group_size, dim)
+        return groupsort(x, group_size, dim, backend)
 
     @staticmethod
     def vmap(info, in_dims, x, group_size, dim, backend):
@@ -158,10 +152,13 @@ class _GroupSort(torch.autograd.Function):
     def backward(ctx, grad):
         """The gradient routed back through the order recomputed from x (a permutation)."""
         (x,) = ctx.saved_tensors
+        group_size, dim, backend = ctx.args
         if torch.is_grad_enabled():  # create_graph: a node that differentiates again
-            grad_x = _GroupSortBackward.apply(grad, x, *ctx.args)
+            grad_x = _GroupSortBackward.apply(grad, x, group_size, dim, backend)
+        elif _backend.plain_eager():
+            grad_x = _backend.kernels(backend).groupsort_backward(grad, x, group_size, dim)
         else:
-            grad_x = call("groupsort_backward", ctx.args[2], grad, x, *ctx.args[:2])
+            grad_x = groupsort_backward(grad, x, group_size, dim, backend)
         return grad_x, None, None, None
 
 
@@ -250,15 +247,29 @@ _register(groupsort_backward, _GroupSortBackward)
 _register(lip_linear, _LipLinear)
 
 
-def _differentiable(function: type[torch.autograd.Function], op: Callable) -> Callable:
+def _differentiable(function: type[torch.autograd.Function], op: Callable, kernel: str) -> Callable:
     def run(*args: Any) -> Any:
+        if _backend.plain_eager():
+            if not (torch.is_grad_enabled() and any(_requires_grad(a) for a in args)):
+                return getattr(_backend.kernels(args[-1]), kernel)(*_kernel_args(kernel, args))
+            return super(torch.autograd.Function, function).apply(*args)
         if torch.compiler.is_compiling():  # the op, whose registered autograd compile traces
             return op(*args)
-        return _apply(function, *args)
+        return function.apply(*args)  # functorch
 
-    run.__doc__ = f"Differentiable {function.__name__[1:]}: the op with its one autograd formula."
+    run.__doc__ = f"Differentiable {kernel}: the op with its one autograd formula; in plain "
+    run.__doc__ += "eager mode the kernel itself when nothing needs a gradient."
     return run
 
 
-groupsort_autograd = _differentiable(_GroupSort, groupsort)
-lip_linear_autograd = _differentiable(_LipLinear, lip_linear)
+def _requires_grad(arg: Any) -> bool:
+    return isinstance(arg, torch.Tensor) and arg.requires_grad
+
+
+def _kernel_args(kernel: str, args: tuple) -> tuple:
+    """The op's arguments a kernel takes: lip_linear's kernel needs no u, v, k (backward only)."""
+    return args[:4] if kernel == "lip_linear" else args[:-1]
+
+
+groupsort_autograd = _differentiable(_GroupSort, groupsort, "groupsort")
+lip_linear_autograd = _differentiable(_LipLinear, lip_linear, "lip_linear")

@@ -1,6 +1,6 @@
 """Certified radii from Lipschitz constants: pure math on float64 tensors (broadcast, batched).
 
-Notation (../shared/docs/certificates.md): a = Lip(decoder), b = Lip(mean), c = Lip(std),
+Notation (README, "Certified VAEs"): a = Lip(decoder), b = Lip(mean), c = Lip(std),
 s = |sigma(x)|_2, s_inf = max_i sigma_i(x), m = latent dimension. x is r-robust with
 probability p when P(|g(z') - g(z)| <= r) >= p; every radius returned here is a t such that all
 perturbations of norm <= t keep that true. Each bound is sound on its own.

@@ -132,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lip_linear_backward_cpu(
   const bool via_y = need_w && !need_x;
   const bool sums = has_bias && (need_b || via_y);
   // The outputs first, temporaries after: the freed gradients of the previous step are then
-  // reused whole instead of being split by a temporary (fresh pages fault, ~1 us each here).
+  // reused whole instead of being split by a temporary (fresh pages would fault on first touch).
   const auto dense = weight.options().memory_format(at::MemoryFormat::Contiguous);
   at::Tensor grad_w = need_w ? at::empty(weight.sizes(), dense) : at::Tensor();
   at::Tensor grad_x = need_x ? at::empty({x.size(0), x.size(1)}, x.options()) : at::Tensor();

@@ -41,3 +41,32 @@ def test_forcing_an_unusable_backend_is_an_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="backend='triton' cannot run cpu tensors"):
         F.groupsort(torch.randn(2, 4), 2, backend="triton")
+
+
+def test_constant_mark_is_torchs():
+    """resolve is marked for torch.compile without importing dynamo; the mark must be torch's."""
+    from crvae_ext import _torch_private
+
+    def ours():
+        return 1
+
+    def theirs():
+        return 1
+
+    torch.compiler.assume_constant_result(theirs)
+    _torch_private.assume_constant_result(ours)
+    assert vars(ours) == vars(theirs)
+
+
+def test_import_does_not_load_scipy_or_build():
+    """import crvae_ext loads no scipy (only Monte-Carlo intervals need it) and builds nothing."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, crvae_ext, crvae_ext._cpp as c; "
+        "print('scipy' in sys.modules, c._load_once.cache_info().currsize)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "False 0"
