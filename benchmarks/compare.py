@@ -2,7 +2,7 @@
 
 Quick set by default (minutes on a 2-core CPU); ``--full`` runs batch {32, 256, 4096} x width
 {256, 1024, 4096} and bf16 on a GPU. ``--json`` writes the raw numbers, ``--out`` the markdown.
-The table closes with every performance target of the issues, met or missed, with the number.
+The table closes with every performance target (benchmarks/targets.py), met or missed.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _environment(device: torch.device) -> dict[str, str]:
 
     env["crvae_ext"] = crvae_ext.__version__
     env["backends"] = ", ".join(crvae_ext.backends(device))
-    env["peak_bandwidth_GBs"] = targets.peak_bandwidth_gbs(device)
+    env["peak_bandwidth_GBs"] = targets.device_peak_gbs(device)
     return env
 
 
@@ -161,7 +161,7 @@ def render(report: dict) -> str:
     """The markdown of a report: the table, then the targets it judged."""
     text = markdown(report["rows"], report["environment"])
     if report["targets"]:
-        text += "\n\nPerformance targets of the issues, judged on this run:\n\n"
+        text += "\n\nPerformance targets (benchmarks/targets.py), judged on this run:\n\n"
         text += targets.markdown(report["targets"])
     return text
 

@@ -3,7 +3,7 @@
     python benchmarks/gpu_check.py            # everything (~5-10 minutes on an H100)
     python benchmarks/gpu_check.py --quick    # GPU tests only, smaller benchmark sweep
 
-On a CUDA machine it runs: tests/test_triton_gpu.py and the whole suite (pytest), the full
+On a CUDA machine it runs: the GPU tests (pytest -m gpu tests) and the whole suite, the full
 torch.library.opcheck (inside those tests), torch.compile(fullgraph=True) of a LipLinear +
 GroupSort stack forward and backward under TORCH_LOGS=graph_breaks, and triton.testing.do_bench
 timings against the issue's targets: GroupSort fwd+bwd bandwidth and ratio to ReLU,
@@ -29,13 +29,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script (python benchmarks/gpu_check.py) too
+from benchmarks import targets  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
-TARGETS = {
-    "groupsort_bandwidth": 0.85,  # fraction of peak HBM bandwidth, fwd+bwd, >= 16M elements
-    "groupsort_vs_relu": 1.2,  # time ratio to ReLU fwd+bwd
-    "power_iteration_bandwidth": 0.80,  # fraction of peak, 4096 x 4096 fp32, per iteration
-    "liplinear_vs_linear": 1.05,  # train step time ratio, B=256, 1024 x 1024
-}
 NO_CUDA = (
     "gpu_check: no CUDA device (torch.cuda.is_available() is False): these checks need one. "
     "Nothing was measured; run this on a GPU machine (python benchmarks/gpu_check.py)."
@@ -58,14 +55,6 @@ def _bench(fn: Callable[[], object], device: str) -> float:
     start = time.perf_counter()
     fn()
     return (time.perf_counter() - start) * 1e3
-
-
-def peak_bandwidth_gbs(props) -> float | None:
-    """Peak memory bandwidth (GB/s) of a CUDA device from its properties: DDR memory clock
-    times bus width; None when the driver reports neither."""
-    clock_khz = getattr(props, "memory_clock_rate", 0)
-    bus_bits = getattr(props, "memory_bus_width", 0)
-    return round(2 * clock_khz * 1e3 * bus_bits / 8 / 1e9, 1) or None
 
 
 def environment(device: str) -> dict:
@@ -96,7 +85,7 @@ def environment(device: str) -> dict:
         memory_GiB=round(props.total_memory / 2**30, 1),
         l2_MiB=round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
     )
-    env["peak_bandwidth_GBs"] = peak_bandwidth_gbs(props)
+    env["peak_bandwidth_GBs"] = targets.peak_bandwidth_gbs(props)
     try:
         smi = subprocess.run(
             ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -112,9 +101,9 @@ def environment(device: str) -> dict:
     return env
 
 
-def run_pytest(paths: list[str]) -> dict:
-    """pytest on ``paths`` in a subprocess: exit status and the summary line."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *paths]
+def run_pytest(args: list[str]) -> dict:
+    """pytest with ``args`` in a subprocess: exit status and the summary line."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     lines = [ln for ln in done.stdout.splitlines() if ln.strip()]
     failures = [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))]
@@ -377,17 +366,17 @@ def verdicts(results: dict) -> dict:
         fractions = [r["fraction_of_peak"] for r in gs if r["fraction_of_peak"] is not None]
         worst_g2 = [r for r in gs if r["group_size"] == 2]
         out["groupsort_bandwidth"] = {
-            "target": f">= {TARGETS['groupsort_bandwidth']:.0%} of peak at >= 16M elements",
+            "target": f">= {targets.limit('groupsort_bandwidth'):.0%} of peak at >= 16M elements",
             "min_fraction_g2": min((r["fraction_of_peak"] or 0) for r in worst_g2),
             "min_fraction_all": min(fractions) if fractions else None,
-            "met_g2": all((r["fraction_of_peak"] or 0) >= TARGETS["groupsort_bandwidth"]
+            "met_g2": all((r["fraction_of_peak"] or 0) >= targets.limit("groupsort_bandwidth")
                           for r in worst_g2),
         }  # fmt: skip
         out["groupsort_vs_relu"] = {
-            "target": f"<= {TARGETS['groupsort_vs_relu']}x ReLU fwd+bwd",
+            "target": f"<= {targets.limit('groupsort_vs_relu')}x ReLU fwd+bwd",
             "max_ratio_g2": max(r["vs_relu"] for r in worst_g2),
             "max_ratio_all": max(r["vs_relu"] for r in gs),
-            "met_g2": all(r["vs_relu"] <= TARGETS["groupsort_vs_relu"] for r in worst_g2),
+            "met_g2": all(r["vs_relu"] <= targets.limit("groupsort_vs_relu") for r in worst_g2),
         }
     pi = [r for r in results.get("power_iteration", [])
           if r["shape"] == [4096, 4096] and r["dtype"] == "float32"]  # fmt: skip
@@ -395,22 +384,22 @@ def verdicts(results: dict) -> dict:
         default = next(r for r in pi if r["default"])
         best = max(pi, key=lambda r: r["bandwidth_GBs"])
         out["power_iteration_bandwidth"] = {
-            "target": f">= {TARGETS['power_iteration_bandwidth']:.0%} of peak, 4096^2 fp32",
+            "target": f">= {targets.limit('power_iteration_bandwidth'):.0%} of peak, 4096^2 fp32",
             "default_fraction": default["fraction_of_peak"],
             "best_fraction": best["fraction_of_peak"],
             "best_knobs": [best["programs_per_sm"], best["row_tile"]],
-            "met": (default["fraction_of_peak"] or 0) >= TARGETS["power_iteration_bandwidth"],
+            "met": (default["fraction_of_peak"] or 0) >= targets.limit("power_iteration_bandwidth"),
         }
     steps = [r for r in results.get("liplinear", []) if "vs_linear" in r]
     for dtype in sorted({r["dtype"] for r in steps}):
         mine = [r for r in steps if r["dtype"] == dtype and r["kind"].startswith("liplinear_tri")]
         best = min(mine, key=lambda r: r["ms"])
         out[f"liplinear_vs_linear_{dtype}"] = {
-            "target": f"<= {TARGETS['liplinear_vs_linear']}x nn.Linear train step",
+            "target": f"<= {targets.limit('liplinear_vs_linear')}x nn.Linear train step",
             "best_variant": best["kind"],
             "best_ratio": best["vs_linear"],
             "ratios": {r["kind"]: r["vs_linear"] for r in steps if r["dtype"] == dtype},
-            "met": best["vs_linear"] <= TARGETS["liplinear_vs_linear"],
+            "met": best["vs_linear"] <= targets.limit("liplinear_vs_linear"),
         }
     ops_rows = [r for r in results.get("liplinear", []) if r["kind"] in ("op_cublas", "op_triton")]
     if ops_rows:
@@ -506,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"environment": environment(device)}
     print(f"gpu_check: {results['environment']}", flush=True)
     if not args.dry_run:
-        tests = {"gpu tests": run_pytest(["tests/test_triton_gpu.py"])}
+        tests = {"gpu tests": run_pytest(["-m", "gpu", "tests"])}
         if not args.quick:
             tests["whole suite"] = run_pytest(["tests"])
         results["tests"] = tests

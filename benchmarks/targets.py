@@ -1,4 +1,9 @@
-"""The issues' performance targets, judged against one ``compare`` run's rows: met or missed."""
+"""Every performance target, CPU and GPU, in one place: judged against one ``compare`` run's
+rows (met or missed) and read by ``gpu_check`` for its own verdicts.
+
+Targets are keyed by what they measure (``name``), one limit each; the issues that set them
+are history, not keys.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from . import gpu_check
 from .harness import md_cell
 
 
@@ -15,7 +19,7 @@ class Target:
     """``case`` in groups whose title starts with ``group``: a time ratio to the group's baseline
     at most ``limit`` or, with ``bandwidth``, at least ``limit`` of the GPU's peak bandwidth."""
 
-    issue: int
+    name: str
     device: str
     group: str
     case: str
@@ -31,35 +35,72 @@ class Target:
         return f"{self.case} <= {self.limit:g}x baseline ({self.group})"
 
 
-def _liplinear(issue: int, device: str, backend: str, dtype: str, limit: float = 1.05) -> Target:
-    return Target(issue, device, f"liplinear train B=256 1024x1024 {dtype}",
-                  f"liplinear_spectral[{backend}]", limit)  # fmt: skip
+def _liplinear(name: str, device: str, backend: str, dtype: str, limit: float) -> Target:
+    return Target(
+        name,
+        device,
+        f"liplinear train B=256 1024x1024 {dtype}",
+        f"liplinear_spectral[{backend}]",
+        limit,
+    )
 
 
 PI = "power_iteration[cpp] >= 1.5x faster than two matvecs"
+GS_4096 = "groupsort fwd+bwd 4096x4096 G=2 fp32"
 TARGETS = (
-    _liplinear(2, "cpu", "cpp", "fp32", 1.10),  # the foundation's target, default backend
-    _liplinear(2, "cpu", "torch", "fp32", 1.10),  # ... and the plain-PyTorch reference path
-    _liplinear(4, "cpu", "cpp", "fp32"),
-    Target(4, "cpu", "groupsort fwd+bwd 256x1024 G=2 fp32", "groupsort[cpp]", 1.3),
-    Target(4, "cpu", "groupsort fwd+bwd 1024x4096 G=2 fp32", "groupsort[cpp]", 1.3),
+    _liplinear("liplinear_vs_linear", "cpu", "cpp", "fp32", 1.05),
+    _liplinear("liplinear_reference_vs_linear", "cpu", "torch", "fp32", 1.10),
+    Target(
+        "groupsort_vs_relu", "cpu", "groupsort fwd+bwd 256x1024 G=2 fp32", "groupsort[cpp]", 1.3
+    ),
+    Target(
+        "groupsort_vs_relu", "cpu", "groupsort fwd+bwd 1024x4096 G=2 fp32", "groupsort[cpp]", 1.3
+    ),
     *(
-        Target(4, "cpu", f"power_iteration {n}x{n} fp32", "power_iteration[cpp]", 1 / 1.5, label=PI)
+        Target(
+            "power_iteration_vs_matvecs",
+            "cpu",
+            f"power_iteration {n}x{n} fp32",
+            "power_iteration[cpp]",
+            1 / 1.5,
+            label=PI,
+        )
         for n in (1024, 4096)
     ),
-    _liplinear(3, "cuda", "triton", "fp32"),
-    _liplinear(3, "cuda", "triton", "bf16"),
-    Target(3, "cuda", "groupsort fwd+bwd 4096x4096 G=2 fp32", "groupsort[triton]", 1.2),
-    Target(3, "cuda", "groupsort fwd+bwd 4096x4096 G=2 fp32", "groupsort[triton]", 0.85, True),
-    Target(3, "cuda", "power_iteration 4096x4096 fp32", "power_iteration[triton]", 0.8, True),
+    _liplinear("liplinear_vs_linear", "cuda", "triton", "fp32", 1.05),
+    _liplinear("liplinear_vs_linear", "cuda", "triton", "bf16", 1.05),
+    Target("groupsort_vs_relu", "cuda", GS_4096, "groupsort[triton]", 1.2),
+    Target("groupsort_bandwidth", "cuda", GS_4096, "groupsort[triton]", 0.85, True),
+    Target(
+        "power_iteration_bandwidth",
+        "cuda",
+        "power_iteration 4096x4096 fp32",
+        "power_iteration[triton]",
+        0.8,
+        True,
+    ),
 )
 
 
-def peak_bandwidth_gbs(device: torch.device) -> float | None:
+def limit(name: str, device: str = "cuda") -> float:
+    """The limit of target ``name`` on ``device`` (one limit per name and device)."""
+    (value,) = {t.limit for t in TARGETS if t.name == name and t.device == device}
+    return value
+
+
+def peak_bandwidth_gbs(props) -> float | None:
+    """Peak memory bandwidth (GB/s) of a CUDA device from its properties: DDR memory clock
+    times bus width; None when the driver reports neither."""
+    clock_khz = getattr(props, "memory_clock_rate", 0)
+    bus_bits = getattr(props, "memory_bus_width", 0)
+    return round(2 * clock_khz * 1e3 * bus_bits / 8 / 1e9, 1) or None
+
+
+def device_peak_gbs(device: torch.device) -> float | None:
     """A CUDA device's peak memory bandwidth in GB/s (None elsewhere)."""
     if device.type != "cuda":
         return None
-    return gpu_check.peak_bandwidth_gbs(torch.cuda.get_device_properties(device))
+    return peak_bandwidth_gbs(torch.cuda.get_device_properties(device))
 
 
 def verdicts(rows: list[dict], device_type: str, peak: float | None) -> list[dict]:
@@ -80,8 +121,15 @@ def verdicts(rows: list[dict], device_type: str, peak: float | None) -> list[dic
                 value = row["ratio"]
                 met = value <= target.limit
                 shown = f"{value:.3f}x"
-            out.append({"issue": target.issue, "target": target.text(), "group": row["group"],
-                        "measured": shown, "met": met})  # fmt: skip
+            out.append(
+                {
+                    "name": target.name,
+                    "target": target.text(),
+                    "group": row["group"],
+                    "measured": shown,
+                    "met": met,
+                }
+            )
     return out
 
 
@@ -89,8 +137,8 @@ def markdown(results: list[dict]) -> str:
     """The verdicts as a markdown table (empty when no target applies to this run)."""
     if not results:
         return ""
-    lines = ["| issue | target | measured | verdict |", "|---|---|---|---|"]
+    lines = ["| target | measured | verdict |", "|---|---|---|"]
     for r in results:
         verdict = "met" if r["met"] else "**missed**"
-        lines.append(f"| #{r['issue']} | {md_cell(r['target'])} | {r['measured']} | {verdict} |")
+        lines.append(f"| {md_cell(r['target'])} | {r['measured']} | {verdict} |")
     return "\n".join(lines)

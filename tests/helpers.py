@@ -1,7 +1,24 @@
 """Test helpers shared across files (independent of the code under test)."""
 
+import pytest
 import torch
 from torch import nn
+
+from crvae_ext import _backend
+
+CPP_REASON = _backend.unusable_reason("cpp", "cpu")
+needs_cpp = pytest.mark.skipif(CPP_REASON is not None, reason=f"cpp backend unusable: {CPP_REASON}")
+INTERPRETER_REASON = _backend.unusable_reason("triton", "cpu")
+needs_interpreter = pytest.mark.skipif(
+    INTERPRETER_REASON is not None, reason=f"Triton interpreter unavailable: {INTERPRETER_REASON}"
+)
+# (rtol, atol) against a float64 oracle, per dtype; fp32 GEMMs may use TF32 only where torch is
+# told to (allow_tf32 is off by default), so fp32 is held to fp32 accuracy.
+TOLERANCE = {
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (5e-2, 5e-2),
+}
 
 
 def lipschitz_ascent(

@@ -1,11 +1,20 @@
-"""Backend selection: the default, forcing by argument or environment, and clear refusals."""
+"""Backend selection and plumbing: the default, forcing by argument or environment, clear
+refusals, the eager path against the public ops, and the Triton launch helpers."""
+
+import os
 
 import pytest
 import torch
+from helpers import needs_cpp, needs_interpreter
 
 import crvae_ext
 import crvae_ext.functional as F
-from crvae_ext import _backend
+from crvae_ext import _backend, ops, reference
+
+if _backend.unusable_reason("triton", "cpu") is None:
+    from crvae_ext._triton import _common, kernels
+
+    _triton = kernels.cublas
 
 
 def test_torch_is_always_usable():
@@ -70,3 +79,77 @@ def test_import_does_not_load_scipy_or_build():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "False 0"
+
+
+@needs_cpp
+def test_cpp_is_the_default_on_cpu():
+    assert _backend.resolve(None, torch.device("cpu")) == "cpp"
+
+
+@needs_cpp
+def test_plain_eager_calls_the_kernel_and_tracing_the_public_op(monkeypatch):
+    """Eager calls skip the op's dispatch; compile (and functorch) must see the public op."""
+    seen = []
+    public = ops._PUBLIC["groupsort"]
+    monkeypatch.setitem(ops._PUBLIC, "groupsort", lambda *a: seen.append("op") or public(*a))
+    x = torch.randn(4, 6)
+    ops.call("groupsort", "cpp", x, 2, 1)
+    assert seen == [] and _backend.plain_eager()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not _backend.plain_eager()
+    assert torch.equal(ops.call("groupsort", "cpp", x, 2, 1), reference.groupsort(x, 2, 1))
+    assert seen == ["op"]
+
+
+@needs_interpreter
+def test_collapse_finds_single_strides():
+    assert _common.collapse((3, 4), (4, 1)) == (12, 1)
+    assert _common.collapse((3, 4), (8, 2)) == (12, 2)
+    assert _common.collapse((3, 4), (1, 3)) is None
+    assert _common.collapse((3, 1, 4), (4, 99, 1)) == (12, 1)
+    assert _common.collapse((), ()) == (1, 1)
+
+
+@needs_interpreter
+def test_cpu_tensors_are_refused_without_the_interpreter(monkeypatch):
+    """Compiled (GPU) kernels cannot read CPU tensors: a clear error, never another backend."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a Triton kernel was launched for CPU tensors")
+
+    monkeypatch.setattr(_common, "INTERPRETED", False)
+    monkeypatch.setattr(_common, "launch", refuse)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for call in (
+        lambda: ops.groupsort(torch.randn(4, 6), 3, 1, "triton"),
+        lambda: ops.power_iteration(torch.randn(5, 6), torch.randn(6), 2, "triton"),
+        lambda: _triton.lip_linear(torch.randn(2, 3), torch.randn(4, 3), None, torch.ones(())),
+    ):
+        with pytest.raises(RuntimeError, match="the triton backend cannot run cpu tensors"):
+            call()
+
+
+@needs_interpreter
+def test_triton_unusable_reasons(monkeypatch):
+    assert _triton.unusable_reason("cpu") is None
+    if not torch.cuda.is_available():
+        assert "CUDA" in _triton.unusable_reason("cuda")
+    assert "CUDA tensors only" in _triton.unusable_reason("mps")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET=1" in _triton.unusable_reason("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_common, "INTERPRETED", False)
+    assert "before the import" in _triton.unusable_reason("cpu")
+
+
+@needs_interpreter
+def test_auto_never_picks_the_interpreter_for_cpu():
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    assert _backend.resolve(None, torch.device("cpu")) != "triton"
+
+
+@pytest.mark.gpu
+def test_cpu_tensors_are_refused_on_a_gpu_machine():
+    """Compiled kernels cannot read CPU memory: a clear error, never another backend."""
+    with pytest.raises(RuntimeError, match="the triton backend cannot run cpu tensors"):
+        ops.groupsort(torch.randn(4, 6), 3, 1, "triton")

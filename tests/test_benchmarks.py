@@ -44,7 +44,11 @@ def test_verdicts_judge_ratios_against_the_limits():
     met = {r["group"]: r["met"] for r in judged}
     assert met == {rows[4]["group"]: True, rows[0]["group"]: True, rows[1]["group"]: False,
                    rows[3]["group"]: False}  # fmt: skip
-    assert {r["issue"] for r in judged} == {2, 4}
+    assert {r["name"] for r in judged} == {
+        "groupsort_vs_relu",
+        "power_iteration_vs_matvecs",
+        "liplinear_vs_linear",
+    }
     assert "**missed**" in targets.markdown(judged)
     assert targets.verdicts(rows, "cuda", None) == []
 
@@ -64,18 +68,18 @@ def test_compare_runs_one_group_and_writes_reports(tmp_path):
     assert compare.main(["--render", str(raw), "--out", str(again)]) == 0
     assert again.read_text() == text
     if "power_iteration[cpp]" in cases:
-        assert [t["issue"] for t in report["targets"]] == [4]
+        assert [t["name"] for t in report["targets"]] == ["power_iteration_vs_matvecs"]
 
 
 def test_pytest_benchmark_files_run_and_print_ratios():
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-           "benchmarks/test_power_iteration.py", "-k", "1024x1024 and not steps"]  # fmt: skip
+           "benchmarks/bench_power_iteration.py", "-k", "1024x1024 and not steps"]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert " passed" in done.stdout
     summary = done.stdout.split("median time / baseline", 1)[1]
     assert (
-        "baseline test_power_iteration[power_iteration 1024x1024 fp32 (1 step)-torch_matvec]"
+        "baseline bench_power_iteration[power_iteration 1024x1024 fp32 (1 step)-torch_matvec]"
         in summary
     )
     assert "-power_iteration[torch]]" in summary

@@ -3,6 +3,7 @@
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 from helpers import lipschitz_ascent
@@ -176,3 +177,10 @@ def test_softplus_switch_jump():
     x = torch.tensor([t - 1e-9, t + 1e-9], dtype=torch.float64)
     jump = abs(float(nn.Softplus(threshold=t)(x).diff()) - 2e-9)
     assert 0 < jump <= 2.1e-9 and jump / t <= torch.finfo(torch.float32).eps / 2
+
+
+def test_spectral_norm_exact_matches_numpy():
+    w = torch.randn(30, 17)
+    assert reference.spectral_norm_exact(w) == pytest.approx(
+        np.linalg.norm(w.double().numpy(), 2), rel=1e-14
+    )

@@ -2,6 +2,6 @@
 
 from .ball import L2BallProjection
 from .groupsort import GroupSort, MaxMin
-from .liplinear import LipLinear
+from .lip_linear import LipLinear
 
 __all__ = ["GroupSort", "L2BallProjection", "LipLinear", "MaxMin"]

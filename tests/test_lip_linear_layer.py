@@ -1,4 +1,6 @@
-"""LipLinear against float64 oracles: exact SVD, autograd of the naive formula, plain nn.Linear."""
+"""The LipLinear layer against float64 oracles: exact SVD, autograd of the naive formula, plain
+nn.Linear; its eval state, state dict, export, transforms and bad arguments.
+The op itself: tests/test_lip_linear.py."""
 
 import io
 
@@ -453,3 +455,44 @@ def test_functorch_leaves_training_buffers_alone():
     assert torch.equal(layer.v, before)
     layer(torch.randn(2, 7))
     assert not torch.equal(layer.v, before)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"lipschitz": 0.0}, ValueError, "lipschitz must be a finite number > 0"),
+        ({"lipschitz": -1.0}, ValueError, "lipschitz must be a finite number > 0"),
+        ({"lipschitz": float("nan")}, ValueError, "lipschitz must be a finite number > 0"),
+        ({"lipschitz": float("inf")}, ValueError, "lipschitz must be a finite number > 0"),
+        ({"lipschitz": "2"}, TypeError, "lipschitz must be a real number"),
+        ({"n_power_iterations": 0}, ValueError, "n_power_iterations must be >= 1"),
+        ({"bjorck_iterations": 0}, ValueError, "bjorck_iterations must be >= 1"),
+        ({"method": "ortho"}, ValueError, "method must be one of"),
+        ({"in_features": 0}, ValueError, "in_features must be >= 1"),
+        ({"backend": "gpu"}, ValueError, "backend must be None"),
+    ],
+)
+def test_liplinear_constructor(kwargs, exc, match):
+    args = {"in_features": 4, "out_features": 3, **kwargs}
+    with pytest.raises(exc, match=match):
+        LipLinear(**args)
+
+
+def test_lipschitz_setter_validates():
+    layer = LipLinear(4, 3)
+    with pytest.raises(ValueError, match="lipschitz must be a finite number > 0"):
+        layer.lipschitz = -2.0
+    assert layer.lipschitz == 1.0
+
+
+@pytest.mark.parametrize("method", ["spectral", "bjorck"])
+def test_liplinear_input_errors(method):
+    layer = LipLinear(4, 3, method=method)
+    with pytest.raises(ValueError, match="last dimension in_features=4, got shape \\(2, 5\\)"):
+        layer(torch.randn(2, 5))
+    with pytest.raises(TypeError, match=r"floating-point tensor, got dtype torch.int64"):
+        layer(torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(
+        TypeError, match=r"x has dtype torch.float64 but weight has dtype torch.float32"
+    ):
+        layer(torch.randn(2, 4, dtype=torch.float64))

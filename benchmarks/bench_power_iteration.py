@@ -11,5 +11,5 @@ GROUPS = [power_iteration_group(n, DEVICE, n_iters=k) for n in (1024, 4096) for 
 
 
 @pytest.mark.parametrize(("group", "case"), pytest_cases(GROUPS), ids=case_id)
-def test_power_iteration(benchmark, group, case):
+def bench_power_iteration(benchmark, group, case):
     run_benchmark(benchmark, group, case, DEVICE)

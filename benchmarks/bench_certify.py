@@ -11,7 +11,7 @@ GROUPS = [certify_group(1000, DEVICE), attack_group(4, 1.0, DEVICE)]
 
 
 @pytest.mark.parametrize(("group", "case"), pytest_cases(GROUPS), ids=case_id)
-def test_certify(benchmark, group, case):
+def bench_certify(benchmark, group, case):
     run_benchmark(benchmark, group, case, DEVICE)
 
 

@@ -15,5 +15,5 @@ GROUPS = [
 
 
 @pytest.mark.parametrize(("group", "case"), pytest_cases(GROUPS), ids=case_id)
-def test_groupsort(benchmark, group, case):
+def bench_groupsort(benchmark, group, case):
     run_benchmark(benchmark, group, case, DEVICE)

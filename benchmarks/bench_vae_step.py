@@ -11,5 +11,5 @@ GROUPS = [vae_step_group(128, DEVICE)]
 
 
 @pytest.mark.parametrize(("group", "case"), pytest_cases(GROUPS), ids=case_id)
-def test_vae_step(benchmark, group, case):
+def bench_vae_step(benchmark, group, case):
     run_benchmark(benchmark, group, case, DEVICE)

@@ -12,5 +12,5 @@ GROUPS = liplinear_groups(256, 1024, DEVICE)
 
 
 @pytest.mark.parametrize(("group", "case"), pytest_cases(GROUPS), ids=case_id)
-def test_liplinear(benchmark, group, case):
+def bench_lip_linear(benchmark, group, case):
     run_benchmark(benchmark, group, case, DEVICE)
