@@ -7,7 +7,7 @@ from .cases import attack_group, attack_strength, certify_group
 from .harness import case_id, pytest_cases, run_benchmark
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-GROUPS = [certify_group(1000, DEVICE), attack_group(4, 1.0, DEVICE)]
+GROUPS = [certify_group(1024, DEVICE), attack_group(4, 1.0, DEVICE)]
 
 
 @pytest.mark.parametrize(("group", "case"), pytest_cases(GROUPS), ids=case_id)

@@ -47,6 +47,7 @@ def _liplinear(name: str, device: str, backend: str, dtype: str, limit: float) -
 
 PI = "power_iteration[cpp] >= 1.5x faster than two matvecs"
 GS_4096 = "groupsort fwd+bwd 4096x4096 G=2 fp32"
+CERTIFY = "certify 1024 inputs in batches of 128"
 TARGETS = (
     _liplinear("liplinear_vs_linear", "cpu", "cpp", "fp32", 1.05),
     _liplinear("liplinear_reference_vs_linear", "cpu", "torch", "fp32", 1.10),
@@ -66,6 +67,9 @@ TARGETS = (
             label=PI,
         )
         for n in (1024, 4096)
+    ),
+    Target(
+        "certify_vs_encode", "cpu", "certify 1024 inputs in batches of 128", "certify_tight", 1.5
     ),
     _liplinear("liplinear_vs_linear", "cuda", "triton", "fp32", 1.05),
     _liplinear("liplinear_vs_linear", "cuda", "triton", "bf16", 1.05),

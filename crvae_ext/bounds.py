@@ -50,6 +50,54 @@ def scaled_norm_bound(
     return (spectral_norm_bound(p, f"{name}'s scaled weight") + gap * summed) * (1 + 4 * eps)
 
 
+def product_norm_bound(left: torch.Tensor, right: torch.Tensor, name: str = "product") -> float:
+    """An upper bound on |L R|_2 for float64 matrices L (m x k) and R (k x n) that are the
+    exact maps or within u (float64's unit roundoff) of them entrywise: the exact SVD bound of
+    fl(L R) plus |L R - fl(L R)|_F <= gamma_k || |L| |R| ||_F (gamma_k = k u / (1 - k u), the
+    inner-product error bound) and (2u + u^2) || |L| |R| ||_F for the factors' own rounding, the
+    last Frobenius norm inflated for its own rounding."""
+    eps = torch.finfo(torch.float64).eps
+    k = left.shape[1]
+    gamma = k * eps / 2 / (1 - k * eps / 2)
+    magnitude = float(torch.linalg.matrix_norm(left.abs() @ right.abs()))
+    summed = 1 + (k + left.shape[0] * right.shape[1] + 2) * eps
+    rounding = (gamma + 1.5 * eps) * magnitude * summed
+    return (spectral_norm_bound(left @ right, name) + rounding) * (1 + 4 * eps)
+
+
+def linear_map(module: nn.Module) -> torch.Tensor | None:
+    """The exact matrix (float64, out x in) of a linear layer's eval-mode map, or None when
+    ``module`` is not one: nn.Linear's weight, LipLinear's scale times weight (exact in float64
+    for fp32 and narrower) or its Björck weight."""
+    if type(module) is nn.Linear:
+        return module.weight.detach().to("cpu", torch.float64)
+    exact = getattr(module, "exact_map", None)
+    return exact() if callable(exact) else None
+
+
+def state_key(module: nn.Module) -> tuple:
+    """What a module's bounds depend on, as PyTorch tracks it: every parameter's and buffer's
+    version counter, storage, shape, dtype and device, and every submodule's plain attributes
+    (slopes, k, the method, a layer's count of gradients from fused optimizer steps). In-place
+    edits through ``.data`` are invisible to version counters: call ``invalidate_cache()``."""
+    parts = []
+    for m in module.modules():
+        attrs = tuple(
+            sorted(
+                (k, v)
+                for k, v in vars(m).items()
+                if isinstance(v, (bool, int, float, str)) and k != "training"
+            )
+        )
+        tensors = tuple(
+            (t._version, t.data_ptr(), tuple(t.shape), t.dtype, t.device)
+            for t in (*m._parameters.values(), *m._buffers.values())
+            if t is not None
+        )
+        parts.append((type(m), attrs, tensors))
+    return tuple(parts)
+
+
 def register_bound(*types: type[nn.Module]):
     """Register ``fn(module) -> float`` as the sound bound for modules of ``types``."""
 

@@ -7,6 +7,7 @@ every model is certified in eval mode, the mode whose function the constants des
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -18,6 +19,7 @@ from ._context import eval_mode
 from .radius import certified_radius
 
 __all__ = [
+    "CertificateConstants",
     "CertifyResult",
     "LipschitzConstants",
     "ProbabilityEstimate",
@@ -152,9 +154,33 @@ def design(
     return LipschitzConstants(decoder_ratio * lo, lo, std_ratio * lo)
 
 
+MODES = ("tight", "global")
+
+
+class CertificateConstants(NamedTuple):
+    """Everything the per-input certificates need from the weights, all sound upper bounds.
+
+    (a, b, c) as in ``LipschitzConstants``; ``b_joint`` <= b bounds the mean path with the mean
+    net's last linear map and the decoder's first taken as one matrix (a * b_joint >=
+    Lip(decoder rest) |W_dec1 W_mean_last| Lip(mean rest)); ``sigma_cap`` is S when the std head
+    ends in a projection onto the l2 ball of radius S (else None).
+    """
+
+    a: float
+    b: float
+    c: float
+    b_joint: float
+    sigma_cap: float | None
+
+
 @dataclass
 class CertifyResult:
-    """Per-input certified radii, the constants used and which bound won for each input."""
+    """Per-input certified radii, the constants used and which bound won for each input.
+
+    ``constants`` are the model's (a, b, c); in mode "tight" the radii use ``b_used`` (the joint
+    mean-path bound) and a projection-aware c computed per input from ``v_norm`` = |v(x)|, the
+    std head's output before its projection.
+    """
 
     radius: torch.Tensor
     markov: torch.Tensor
@@ -166,6 +192,9 @@ class CertifyResult:
     r: float
     p: float
     bound: str
+    mode: str = "global"
+    b_used: float | None = None
+    v_norm: torch.Tensor | None = None
 
 
 def _encoder_of(model: Any) -> Any:
@@ -175,18 +204,71 @@ def _encoder_of(model: Any) -> Any:
     return model
 
 
-def certify(
-    vae: Any, x: torch.Tensor, r: float, p: float = 0.5, bound: str = "best"
-) -> CertifyResult:
-    """Certified radius of every input in ``x`` (batched; constants computed once per call)."""
-    model = _encoder_of(vae)
-    _checks.finite_tensor("x", _checks.float_tensor("x", x))
-    constants = _model_constants(model)
+def _model_certificate_constants(model: Any, mode: str) -> CertificateConstants:
+    """The model's cached ``certificate_constants()`` where it has them, else from its (a, b, c)
+    with nothing tighter (a model of another kind)."""
+    own = getattr(model, "certificate_constants", None)
+    if mode == "tight" and callable(own):
+        return own()
+    a, b, c = _model_constants(model)
+    return CertificateConstants(a, b, c, b, None)
+
+
+def _encode_for_certificate(model: Any, x: torch.Tensor, cap: float | None):
+    """(sigma, |v(x)| or None): only the std head runs where the model's ``encode`` is the
+    library's (the mean is not needed); with a capped head its pre-projection output too."""
+    from .vae import VAEBase
+
+    if type(model).encode is not VAEBase.encode:
+        return model.encode(x)[1], None
+    flat = model._flat(x)
+    if cap is None:
+        return model.std_net(flat), None
+    v = model.std_net[:-1](flat)
+    return model.std_net[-1](v), v.detach().to(torch.float64).norm(dim=-1)
+
+
+def _sigma_batch(model, x, cap: float | None):
+    """(|sigma|_2, max_i sigma_i, |v(x)| or None, latent size) of one batch, float64."""
     with eval_mode(model), torch.no_grad():
-        _, sigma = model.encode(x)
+        sigma, v_norm = _encode_for_certificate(model, x, cap)
     sigma = sigma.detach().to(torch.float64)
-    s, s_inf = sigma.norm(dim=-1), sigma.amax(dim=-1)
-    result = radius.radii(*constants, s, s_inf, r, p, sigma.shape[-1], bound)
+    return sigma.norm(dim=-1), sigma.amax(dim=-1), v_norm, sigma.shape[-1]
+
+
+def certify(
+    vae: Any,
+    data: Any,
+    r: float,
+    p: float = 0.5,
+    bound: str = "best",
+    mode: str = "tight",
+    batch_size: int = 256,
+    progress: bool = False,
+) -> CertifyResult:
+    """Certified radius of every input of ``data``: a tensor of inputs, or a Dataset or
+    DataLoader yielding inputs (or (input, label) pairs), in batches of ``batch_size`` with a
+    tqdm bar when ``progress``. Under torch.distributed (torchrun) each process certifies its
+    share of a Dataset and every process gets all the results.
+
+    mode "tight" (default): the mean path's joint bound and a projection-aware std-head
+    constant per input (README, "Tighter per-input certificates"); "global": the model's (a, b,
+    c) for every input. The constants are computed once per weight state and cached.
+    """
+    model = _encoder_of(vae)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    batch_size = _checks.integer("batch_size", batch_size, 1)
+    consts = _model_certificate_constants(model, mode)
+    parts = [_sigma_batch(model, x, consts.sigma_cap) for x in _batches(data, batch_size, progress)]
+    if not parts:
+        raise ValueError("data holds no inputs to certify")
+    s, s_inf = torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts])
+    v_norm = None if parts[0][2] is None else torch.cat([part[2] for part in parts])
+    s, s_inf, v_norm = _gather(data, s, s_inf, v_norm)
+    b = consts.b_joint if mode == "tight" else consts.b
+    projection = None if v_norm is None else (consts.sigma_cap, v_norm)
+    result = radius.radii(consts.a, b, consts.c, s, s_inf, r, p, parts[0][3], bound, projection)
     names = ("paper-markov", "paper-inglot") if bound == "paper" else ("markov", "chi2")
     if bound in ("markov", "chi2"):
         winner = (bound,) * len(s)
@@ -198,13 +280,73 @@ def certify(
         result.markov,
         result.chi2,
         winner,
-        constants,
+        LipschitzConstants(consts.a, consts.b, consts.c),
         s,
         s_inf,
         float(r),
         float(p),
         bound,
+        mode,
+        consts.b_joint if mode == "tight" else consts.b,
+        v_norm,
     )
+
+
+def _batches(data: Any, batch_size: int, progress: bool) -> Iterator[torch.Tensor]:
+    """Checked input batches of ``data`` (this process's share under torch.distributed)."""
+    from torch.utils.data import DataLoader, Dataset, Subset
+    from tqdm.auto import tqdm
+
+    if isinstance(data, torch.Tensor):
+        _checks.finite_tensor("x", _checks.float_tensor("x", data))
+        batches = data.split(batch_size) if len(data) else []
+    elif isinstance(data, (Dataset, DataLoader)):
+        if isinstance(data, Dataset):
+            rank, world = _world()
+            share = Subset(data, range(rank, len(data), world)) if world > 1 else data
+            data = DataLoader(share, batch_size=batch_size, shuffle=False)
+        batches = (item[0] if isinstance(item, (tuple, list)) else item for item in data)
+    else:
+        raise TypeError(
+            f"data must be a tensor of inputs, a Dataset or a DataLoader, got {type(data).__name__}"
+        )
+    for x in tqdm(batches, desc="certify", disable=not progress, leave=False):
+        if not isinstance(data, torch.Tensor):
+            _checks.finite_tensor("x", _checks.float_tensor("x", x))
+        yield x
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather(data, *values):
+    """Every process's share of a Dataset, in the dataset's order (identity with one process).
+    The radii are computed after the gather: each process certifies every input."""
+    from torch.utils.data import Dataset
+
+    world = _world()[1]
+    if world == 1 or not isinstance(data, Dataset):
+        return values
+    import torch.distributed as dist
+
+    mine = [t.cpu() if t is not None else None for t in values]
+    shares: list = [None] * world
+    dist.all_gather_object(shares, mine)
+    merged = []
+    for i, value in enumerate(mine):
+        if value is None:
+            merged.append(None)
+            continue
+        out = torch.empty(len(data), dtype=value.dtype)
+        for rank, share in enumerate(shares):
+            out[rank::world] = share[i]
+        merged.append(out)
+    return tuple(merged)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from . import _checks
 
 BOUNDS = ("best", "markov", "chi2", "paper")
 _BISECTION_STEPS = 100  # on a log scale over [1e-300, 1e300]: ~1e-27 relative resolution
+_SECANT_STEPS = 30  # Illinois regula falsi: superlinear, converged long before on any bracket
 _TAIL_SLACK = 1e-10  # relative allowance for the rounding of gammaincc: keeps certificates sound
 _ROOT_SLACK = 1e-12  # relative allowance for the rounding of the quadratic root
 _T_MIN, _T_MAX = 1e-300, 1e300
@@ -52,10 +53,42 @@ def _quadratic_root(b, c, s_eff, gamma) -> torch.Tensor:
     return torch.where(gamma > 0, root, torch.zeros_like(root))
 
 
-def markov_radius(a, b, c, s, r, p) -> torch.Tensor:
-    """Second-moment bound: a^2 (b^2 t^2 + (s + c t)^2 + s^2) / r^2 <= 1 - p."""
+def markov_radius(a, b, c, s, r, p, projection=None) -> torch.Tensor:
+    """Second-moment bound: a^2 (b^2 t^2 + (s + c t)^2 + s^2) / r^2 <= 1 - p.
+
+    With ``projection`` (see ``effective_c``) c depends on t: the largest t that passes, by
+    bisection (the condition is monotone in t); else the closed-form root.
+    """
     q = ((1 - p) * (r / a) ** 2).clamp_max(_T_MAX)  # overflow would round UP: clamp instead
-    return _quadratic_root(b, c, s, q - 2 * s * s)
+    if projection is None:
+        return _quadratic_root(b, c, s, q - 2 * s * s)
+
+    a, b, c, s = torch.broadcast_tensors(a, b, c, s)
+    budget = q * (1 - _TAIL_SLACK)
+
+    def gap(t):  # decreasing in t; the condition is gap >= 0
+        ct = effective_c(t, c, projection)
+        return budget - (b * b * t * t + (s + ct * t) ** 2 + s * s)
+
+    k = torch.maximum(b, c)  # b^2 t^2 + (s + c t)^2 >= k^2 t^2: the gap is < 0 beyond hi
+    hi = torch.where(k > 0, 2 * torch.sqrt(q) / k, math.inf)
+    return _largest_root(gap, hi, unbounded=(gap(torch.zeros_like(a)) >= 0) & (k == 0))
+
+
+def effective_c(t, c, projection) -> torch.Tensor:
+    """Lipschitz constant of the std head over the ball of radius t around x, projection-aware.
+
+    ``projection`` = (S, v_norm): the head is P_S o v, P_S the projection onto the l2 ball of
+    radius S, c >= Lip(v) and v_norm = |v(x)|. Over the ball |v| >= rho = v_norm - c t; where
+    rho > S, P_S is w -> S w / |w| there, which is (S / rho)-Lipschitz on {|w| >= rho}
+    (Dunkl-Williams in a Hilbert space: |x/|x| - y/|y|| <= 2 |x - y| / (|x| + |y|)), so the head
+    is (c S / rho)-Lipschitz; elsewhere P_S is 1-Lipschitz (a projection onto a convex set).
+    """
+    if projection is None:
+        return c
+    cap, v_norm = projection
+    rho = v_norm - c * t
+    return torch.where(rho > cap, c * cap / rho.clamp_min(torch.finfo(_F64).tiny), c)
 
 
 def _chi2_tail(u: torch.Tensor, m: int) -> torch.Tensor:
@@ -71,33 +104,105 @@ def _chi2_ok(t, a, b, c, s_inf, r, p, m) -> torch.Tensor:
     return (slack > 0) & (_chi2_tail(u, m) <= (1 - p) * (1 - _TAIL_SLACK))
 
 
-def chi2_radius(a, b, c, s_inf, r, p, m: int) -> torch.Tensor:
-    """Exact chi-square tail bound: the largest t with P(chi2_m > u(t)) <= 1 - p, by bisection.
-
-    u(t) decreases in t, so the certified set is an interval [0, t*]. The bisection runs on a
-    log scale over [1e-300, min(r / (a b), 1e300)] (any magnitude of the constants), and only
-    ever returns a point where the condition was checked to hold; 0 if none was.
-    """
-    a, b, c, s_inf = torch.broadcast_tensors(a, b, c, s_inf)
-    ok0 = _chi2_ok(torch.zeros_like(a), a, b, c, s_inf, r, p, m)
-    unbounded = ok0 & (b == 0) & (c == 0)  # nothing ever grows: every t is certified
-    with torch.no_grad():
-        end = (
-            torch.where(b > 0, r / (a * b), math.inf)
-            .nan_to_num(posinf=_T_MAX)
-            .clamp(_T_MIN, _T_MAX)
-        )
-    lo = torch.full_like(a, _T_MIN)
-    found = _chi2_ok(lo, a, b, c, s_inf, r, p, m)
-    log_lo, log_hi = torch.log(lo), torch.log(end)
+def _largest(ok, end: torch.Tensor, unbounded: torch.Tensor) -> torch.Tensor:
+    """The largest t in [1e-300, end] where the monotone condition ``ok`` holds (its checked
+    points only), by bisection on a log scale; 0 where it fails at 0; inf where ``unbounded``."""
+    zero = torch.zeros_like(end)
+    ok0 = ok(zero)
+    lo = torch.full_like(end, _T_MIN)
+    found = ok(lo)
+    log_lo, log_hi = torch.log(lo), torch.log(end.clamp(_T_MIN, _T_MAX))
     for _ in range(_BISECTION_STEPS):
         mid = torch.exp((log_lo + log_hi) / 2)
-        ok = _chi2_ok(mid, a, b, c, s_inf, r, p, m)
-        lo = torch.where(ok, mid, lo)
-        log_lo = torch.where(ok, torch.log(mid), log_lo)
-        log_hi = torch.where(ok, log_hi, torch.log(mid))
-    radius = torch.where(found, lo, torch.zeros_like(lo))
-    return torch.where(unbounded, math.inf, torch.where(ok0, radius, torch.zeros_like(lo)))
+        passed = ok(mid)
+        lo = torch.where(passed, mid, lo)
+        log_lo = torch.where(passed, torch.log(mid), log_lo)
+        log_hi = torch.where(passed, log_hi, torch.log(mid))
+    radius = torch.where(found & ok0, lo, zero)
+    return torch.where(unbounded, math.inf, radius)
+
+
+def _chi2_quantile(m: int, tail: float) -> float | None:
+    """u* with P(chi2_m > u*) = tail (scipy; None without it): a starting point only, every
+    radius is checked with the exact tail afterwards."""
+    try:
+        from scipy import special
+    except ImportError:
+        return None
+    value = 2 * float(special.gammainccinv(m / 2, tail))
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def _largest_root(gap, hi: torch.Tensor, unbounded: torch.Tensor, ok=None) -> torch.Tensor:
+    """The largest t with gap(t) >= 0 for a continuous gap decreasing in t, gap(hi) < 0: a
+    regula falsi (Illinois) on [0, hi] from both ends, then a check of the result (by ``ok``
+    where given, else by gap itself), stepping down by a relative 1e-12, 1e-9, 1e-6 where the
+    check fails; entries still failing, not converged within the steps or without a sign
+    change go to the log-scale bisection. Only checked points are returned."""
+    zero = torch.zeros_like(hi)
+    check = ok if ok is not None else (lambda t: gap(t) >= 0)
+    hi = hi.clamp_max(_T_MAX)
+    lo, g_lo, g_hi = zero, gap(zero), gap(hi)
+    started = (g_lo >= 0) & check(zero)
+    no_sign_change = ~((g_hi < 0) & torch.isfinite(g_hi))  # (or a bracket too wide to search)
+    idle = ~started | no_sign_change
+    side = torch.zeros_like(hi)
+    converged = idle
+    for step in range(_SECANT_STEPS):
+        t = lo + (hi - lo) * (g_lo / (g_lo - g_hi))
+        inside = (t > lo) & (t < hi)
+        # a secant point that rounds onto the bracket's end: converged to rounding there
+        converged = converged | (~inside & torch.isfinite(t)) | ((hi - lo) <= 1e-14 * hi)
+        if step % 2 == 1 and bool(converged.all()):
+            break
+        t = torch.where(inside, t, (lo + hi) / 2)
+        g_t = gap(t)
+        up = g_t >= 0
+        g_hi = torch.where(up & (side > 0), g_hi / 2, g_hi)
+        g_lo = torch.where(~up & (side < 0), g_lo / 2, g_lo)
+        lo, g_lo = torch.where(up, t, lo), torch.where(up, g_t, g_lo)
+        hi, g_hi = torch.where(up, hi, t), torch.where(up, g_hi, g_t)
+        side = torch.where(up, 1.0, -1.0)
+    result = torch.where(check(lo), lo, zero)
+    for shrink in (1e-12, 1e-9, 1e-6):
+        retry = started & (result == 0) & (lo > 0)
+        if not bool(retry.any()):
+            break
+        candidate = lo * (1 - shrink)
+        result = torch.where(retry & check(candidate), candidate, result)
+    hard = started & (((result == 0) & (lo > 0)) | no_sign_change | ~converged)
+    if bool(hard.any()):
+        result = torch.where(hard, _largest(check, hi, unbounded & hard), result)
+    result = torch.where(started, result, zero)
+    return torch.where(unbounded, math.inf, result)
+
+
+def chi2_radius(a, b, c, s_inf, r, p, m: int, projection=None) -> torch.Tensor:
+    """Exact chi-square tail bound: the largest t with P(chi2_m > u(t)) <= 1 - p, by bisection.
+
+    u(t) decreases in t (also with a t-dependent projection-aware c), so the certified set is an
+    interval [0, t*]. The bisection runs on a log scale over [1e-300, min(r / (a b), 1e300)]
+    (any magnitude of the constants), and only ever returns a point where the condition was
+    checked to hold; 0 if none was.
+    """
+    a, b, c, s_inf = torch.broadcast_tensors(a, b, c, s_inf)
+
+    def ok(t):
+        return _chi2_ok(t, a, b, effective_c(t, c, projection), s_inf, r, p, m)
+
+    with torch.no_grad():
+        end = torch.where(b > 0, r / (a * b), math.inf).nan_to_num(posinf=_T_MAX)
+    unbounded = ok(torch.zeros_like(a)) & (b == 0) & (c == 0)
+    quantile = _chi2_quantile(m, (1 - p) * (1 - _TAIL_SLACK))
+    if quantile is None or not bool((b > 0).all()):
+        return _largest(ok, end, unbounded)
+    root_q = math.sqrt(quantile)
+
+    def gap(t):  # r/a - b t - sqrt(u*) d(t): decreasing, >= 0 exactly where the tail passes
+        d = torch.sqrt((s_inf + effective_c(t, c, projection) * t) ** 2 + s_inf**2)
+        return r / a - b * t - root_q * d
+
+    return _largest_root(gap, end, unbounded, ok)
 
 
 def _inglot_tail(u: torch.Tensor, m: int) -> torch.Tensor:
@@ -155,8 +260,22 @@ def _check_probability(p: float) -> float:
     return float(p)
 
 
-def radii(a, b, c, sigma_l2, sigma_inf, r: float, p: float, latent_dim: int, bound: str = "best"):
-    """Validated, broadcast radii of every kind (see ``certified_radius``) as a ``Radii``."""
+def radii(
+    a,
+    b,
+    c,
+    sigma_l2,
+    sigma_inf,
+    r: float,
+    p: float,
+    latent_dim: int,
+    bound: str = "best",
+    projection=None,
+):
+    """Validated, broadcast radii of every kind (see ``certified_radius``) as a ``Radii``.
+
+    ``projection`` = (S, |v(x)|) makes c projection-aware (``effective_c``; not for "paper").
+    """
     if bound not in BOUNDS:
         raise ValueError(f"bound must be one of {BOUNDS}, got {bound!r}")
     p = _check_probability(p)
@@ -188,8 +307,12 @@ def radii(a, b, c, sigma_l2, sigma_inf, r: float, p: float, latent_dim: int, bou
             raise ValueError(f"bound='paper' is the paper's p = 1/2 certificate; got p={p}")
         markov, grid = (inf(t) for t in paper_radius(a_safe, b, c, s, r, latent_dim))
         return Radii(torch.maximum(markov, grid), markov, grid)
-    markov = inf(markov_radius(a_safe, b, c, s, r, p))
-    chi2 = inf(chi2_radius(a_safe, b, c, s_inf, r, p, latent_dim))
+    if projection is not None:
+        cap = _checks.positive_finite("projection radius S", float(projection[0]))
+        v_norm = _as_f64("projection's |v(x)|", projection[1])
+        projection = tuple(torch.broadcast_tensors(torch.full_like(v_norm, cap), v_norm))
+    markov = inf(markov_radius(a_safe, b, c, s, r, p, projection))
+    chi2 = inf(chi2_radius(a_safe, b, c, s_inf, r, p, latent_dim, projection))
     chosen = {"best": torch.maximum(markov, chi2), "markov": markov, "chi2": chi2}[bound]
     return Radii(chosen, markov, chi2)
 

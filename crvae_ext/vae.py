@@ -15,9 +15,15 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from . import _checks
+from . import _checks, bounds
 from .bounds import lipschitz_bound
-from .certify import LipschitzConstants, RobustnessTarget, a_priori_radius, design
+from .certify import (
+    CertificateConstants,
+    LipschitzConstants,
+    RobustnessTarget,
+    a_priori_radius,
+    design,
+)
 from .likelihoods import LIKELIHOODS, gaussian_kl, log_likelihood
 from .modules import GroupSort, L2BallProjection, LipLinear
 
@@ -45,6 +51,27 @@ def _check_data(x: torch.Tensor, likelihood: str) -> None:
             f"x must lie in [0, 1] for the {likelihood} likelihood, got values in "
             f"[{low:g}, {high:g}]: scale the data (e.g. pixels / 255) or use likelihood='gaussian'"
         )
+
+
+def _leaves(module: nn.Module) -> list[nn.Module]:
+    """The modules a plain nn.Sequential applies in order (nested ones flattened)."""
+    if type(module) is not nn.Sequential:
+        return [module]
+    return [leaf for child in module for leaf in _leaves(child)]
+
+
+def _joint_mean_bound(vae: VAEBase, a: float, b: float) -> float:
+    """b_joint <= b with a * b_joint >= Lip(decoder rest) |W_dec1 W_mean_last| Lip(mean rest):
+    on the mean path the decoder's first linear map follows the mean net's last one with no
+    nonlinearity between, so their product is bounded as one matrix (README)."""
+    decoder, mean = _leaves(vae.decoder), _leaves(vae.mean_net)
+    first, last = bounds.linear_map(decoder[0]), bounds.linear_map(mean[-1])
+    if first is None or last is None or a == 0 or len(decoder) < 1 or len(mean) < 1:
+        return b
+    rest = math.prod(lipschitz_bound(m) for m in decoder[1:])
+    inner = math.prod(lipschitz_bound(m) for m in mean[:-1])
+    joint = rest * bounds.product_norm_bound(first, last, "W_dec1 W_mean_last") * inner
+    return min(b, joint / a * (1 + 16 * torch.finfo(torch.float64).eps))
 
 
 def lipschitz_mlp(
@@ -124,12 +151,34 @@ class VAEBase(nn.Module):
         return log_lik - beta * gaussian_kl(mu, sigma)
 
     def lipschitz_constants(self) -> LipschitzConstants:
-        """Sound upper bounds (a, b, c) from the actual weights (float64 SVDs)."""
-        return LipschitzConstants(
-            lipschitz_bound(self.decoder),
-            lipschitz_bound(self.mean_net),
-            lipschitz_bound(self.std_net),
-        )
+        """Sound upper bounds (a, b, c) from the actual weights (float64 SVDs), computed once
+        per weight state (see ``certificate_constants``)."""
+        return LipschitzConstants(*self.certificate_constants()[:3])
+
+    def certificate_constants(self) -> CertificateConstants:
+        """(a, b, c), the joint mean-path bound and the std head's cap: cached, and recomputed
+        whenever ``bounds.state_key`` sees the weights change (optimizer steps, fused ones
+        included, load_state_dict, in-place edits under no_grad, a new k)."""
+        key = bounds.state_key(self)
+        cached = getattr(self, "_constants", None)
+        if cached is None or cached[0] != key:
+            cached = (key, self._compute_constants())
+            self._constants = cached
+        return cached[1]
+
+    def invalidate_cache(self) -> None:
+        """Forget the cached constants and every layer's eval state: needed only after editing
+        a weight through ``.data`` (no version counter sees that)."""
+        self._constants = None
+        for m in self.modules():
+            if m is not self and callable(getattr(m, "invalidate_cache", None)):
+                m.invalidate_cache()
+
+    def _compute_constants(self) -> CertificateConstants:
+        a, b = lipschitz_bound(self.decoder), lipschitz_bound(self.mean_net)
+        c = lipschitz_bound(self.std_net)
+        cap = self.std_net[-1].radius if isinstance(self.std_net[-1], L2BallProjection) else None
+        return CertificateConstants(a, b, c, _joint_mean_bound(self, a, b), cap)
 
 
 class LipschitzVAE(VAEBase):

@@ -184,3 +184,83 @@ def test_spectral_norm_exact_matches_numpy():
     assert reference.spectral_norm_exact(w) == pytest.approx(
         np.linalg.norm(w.double().numpy(), 2), rel=1e-14
     )
+
+
+@pytest.mark.parametrize("shape", [(7, 3, 5), (40, 10, 64), (1, 4, 1)])
+def test_product_norm_bound_covers_the_exact_product(shape):
+    m, k, n = shape
+    for seed in range(10):
+        gen = torch.Generator().manual_seed(seed)
+        left = torch.randn(m, k, generator=gen, dtype=torch.float64)
+        right = torch.randn(k, n, generator=gen, dtype=torch.float64)
+        exact = float(np.linalg.norm(left.numpy() @ right.numpy(), 2))
+        bound = crvae_ext.bounds.product_norm_bound(left, right)
+        assert exact <= bound <= exact * (1 + 1e-12)
+
+
+def test_projection_onto_a_ball_contracts_outside_it():
+    """Dunkl-Williams: P_S is (S / rho)-Lipschitz on {|w| >= rho}, rho > S (the projection-aware
+    std-head constant rests on it): sampled pairs, near pairs and antipodal-ish pairs."""
+    from crvae_ext import L2BallProjection
+
+    proj = L2BallProjection(0.1)
+    gen = torch.Generator().manual_seed(0)
+    for rho in (0.11, 0.5, 3.0):
+        w = torch.randn(20_000, 6, generator=gen, dtype=torch.float64)
+        radii = rho + torch.rand(20_000, 1, generator=gen, dtype=torch.float64) ** 4
+        w = w / w.norm(dim=1, keepdim=True) * radii
+        near = w + 1e-3 * torch.randn(w.shape, generator=gen, dtype=torch.float64)
+        norms = near.norm(dim=1, keepdim=True)
+        near = near * (norms.clamp_min(rho) / norms)
+        for other in (near, w.roll(1, 0), -w.roll(7, 0)):
+            ratio = (proj(w) - proj(other)).norm(dim=1) / (w - other).norm(dim=1)
+            assert float(ratio.max()) <= 0.1 / rho * (1 + 1e-9)
+
+
+def _tight_vae(seed: int = 0):
+    from crvae_ext import LipschitzVAE
+
+    torch.manual_seed(seed)
+    model = LipschitzVAE(6, 2, hidden=(8,), lipschitz_decoder=3.0, lipschitz_mean=2.0,
+                         lipschitz_std=1.0, sigma_max=0.05).double().eval()  # fmt: skip
+    return model
+
+
+def test_joint_mean_bound_covers_the_mean_path():
+    """a * b_joint bounds decoder(mu(x)) (found by ascent; a float64 net), and b_joint <= b."""
+    for seed in range(3):
+        model = _tight_vae(seed)
+        consts = model.certificate_constants()
+        assert consts.b_joint <= consts.b
+        composite = torch.nn.Sequential(model.mean_net, model.decoder)
+        assert lipschitz_ascent(composite, 6) <= consts.a * consts.b_joint * (1 + 1e-9)
+
+
+def test_projection_aware_constant_covers_the_std_head_over_the_ball():
+    """Over the ball of radius t around x the std head moves by at most effective_c(t) |d|:
+    an ascent on |sigma(x + d) - sigma(x)| / |d| with |d| <= t."""
+    from crvae_ext.radius import effective_c
+
+    model = _tight_vae(1)
+    with torch.no_grad():  # sigmoid outputs near 1: |v(x)| well above S
+        model.std_net[0][-1].bias.fill_(3.0)
+    consts = model.certificate_constants()
+    x = torch.rand(8, 6, dtype=torch.float64)
+    v_norm = model.std_net[:-1](x).norm(dim=1).detach()
+    assert (v_norm > consts.sigma_cap).all()  # the case the bound is about
+    for t in (0.01, 0.1, 1.0):
+        d = (t * torch.randn(8, 6, dtype=torch.float64) / 6**0.5).requires_grad_(True)
+        opt = torch.optim.Adam([d], lr=t / 20)
+        best = torch.zeros(8, dtype=torch.float64)
+        for _ in range(200):
+            with torch.no_grad():  # stay in the ball
+                d.mul_(t / d.norm(dim=1, keepdim=True).clamp_min(t))
+            ratio = (model.std_net(x + d) - model.std_net(x)).norm(dim=1) / d.norm(dim=1)
+            best = torch.maximum(best, ratio.detach())
+            opt.zero_grad()
+            (-ratio.sum()).backward()
+            opt.step()
+        bound = effective_c(torch.tensor(t, dtype=torch.float64), torch.tensor(consts.c),
+                            (torch.tensor(consts.sigma_cap), v_norm))  # fmt: skip
+        assert (best <= bound * (1 + 1e-9)).all()
+        assert (bound < consts.c).any() or t == 1.0

@@ -40,7 +40,7 @@ def vae() -> LipschitzVAE:
 
 def test_certify_matches_the_formula(vae):
     x = torch.rand(7, 16)
-    res = certify(vae, x, r=6.0, p=0.7)
+    res = certify(vae, x, r=6.0, p=0.7, mode="global")
     vae.eval()
     _, sigma = vae.encode(x)
     s, s_inf = sigma.double().norm(dim=1), sigma.double().amax(dim=1)
@@ -250,3 +250,69 @@ def test_bad_target(kwargs, match):
 def test_paper_winner_names_its_own_bounds(vae):
     res = certify(vae, torch.rand(4, 16), r=6.0, p=0.5, bound="paper")
     assert set(res.winner) <= {"paper-markov", "paper-inglot"}
+
+
+def _count_svds(monkeypatch) -> list:
+    from crvae_ext import reference
+
+    calls: list = []
+    exact = reference.spectral_norm_exact
+    monkeypatch.setattr(reference, "spectral_norm_exact", lambda w: calls.append(1) or exact(w))
+    return calls
+
+
+def _fresh_constants(model) -> tuple:
+    """The constants of a copy built from the model's state: nothing cached can leak in."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    clone.invalidate_cache()
+    return tuple(clone.certificate_constants())
+
+
+def test_constants_are_computed_once_per_weight_state(vae, monkeypatch):
+    calls = _count_svds(monkeypatch)
+    x = torch.rand(6, 16)
+    first = certify(vae, x, 6.0)
+    n = len(calls)
+    assert n > 0
+    for _ in range(3):
+        again = certify(vae, x, 6.0)
+    assert len(calls) == n and torch.equal(first.radius, again.radius)
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["sgd_step", "fused_adam_step", "load_state_dict", "no_grad_edit", "new_k", "train_forward"],
+)
+def test_a_weight_change_is_never_missed(vae, change, monkeypatch):
+    x = torch.rand(6, 16)
+    before = vae.certificate_constants()
+    calls = _count_svds(monkeypatch)
+    layer = vae.decoder[0][0]
+    if change.endswith("_step"):
+        fused = change.startswith("fused")
+        opt = (torch.optim.Adam(vae.parameters(), lr=0.05, fused=True) if fused
+               else torch.optim.SGD(vae.parameters(), lr=0.5))  # fmt: skip
+        vae.eval()
+        (vae.decode(vae.encode(x)[0]) * torch.rand(6, 16)).sum().backward()
+        opt.step()
+    elif change == "load_state_dict":
+        torch.manual_seed(5)
+        other = LipschitzVAE(16, 3, hidden=(8, 8), lipschitz_decoder=3.0, lipschitz_mean=1.5,
+                             lipschitz_std=0.3, sigma_max=0.5)  # fmt: skip
+        vae.load_state_dict(other.state_dict())
+    elif change == "no_grad_edit":
+        with torch.no_grad():
+            layer.weight.mul_(1.7)
+    elif change == "new_k":
+        layer.lipschitz = layer.lipschitz * 0.5
+    else:
+        vae.train()
+        vae.encode(torch.rand(4, 16))  # the power iteration moves: the eval scale moves
+    after = vae.certificate_constants()
+    assert calls  # recomputed
+    if change != "train_forward":  # a converged power iteration barely moves in one step
+        assert after != before
+    assert tuple(after) == _fresh_constants(vae)
+    assert certify(vae, x, 6.0).constants == tuple(after)[:3]

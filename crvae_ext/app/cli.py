@@ -164,9 +164,11 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, whole_split: bool = False):
+    """The checkpoint's model (eval) and the inputs: the first --n of the split, or with
+    ``whole_split`` the whole split unless --n is given (as a Dataset, for torchrun shares)."""
     from ..checkpoint import load_checkpoint
-    from ..data import dataset
+    from ..data import ImageDataset, dataset
 
     model = load_checkpoint(args.checkpoint).model.eval()
     data = dataset(args.data, args.split, seed=args.seed)
@@ -174,7 +176,10 @@ def _load(args: argparse.Namespace):
         raise ValueError(
             f"the checkpoint expects {model.input_dim} features; {args.data} has {data.input_dim}"
         )
-    return model, data.images[: args.n]
+    n = args.n if args.n is not None else (None if whole_split else 100)
+    if n is None:
+        return model, data
+    return model, ImageDataset(data.images[:n], data.labels[:n], data.image_shape, data.name)
 
 
 def _stats(values: torch.Tensor) -> str:
@@ -192,39 +197,75 @@ def _stats(values: torch.Tensor) -> str:
 def _certify(args: argparse.Namespace) -> int:
     from ..certify import a_priori_radius, certify
     from ..checkpoint import check_writable
+    from ..train import _world, init_distributed
 
-    if args.json:
-        check_writable(args.json, "--json")
-    model, x = _load(args)
-    res = certify(model, x, args.r, args.p, args.bound)
+    for flag, path in (("--json", args.json), ("--csv", args.csv)):
+        if path:
+            check_writable(path, flag)
+    init_distributed()
+    model, data = _load(args, whole_split=True)
+    res = certify(model, data, args.r, args.p, args.bound, args.mode, args.batch_size,
+                  progress=not args.no_progress)  # fmt: skip
+    if _world()[0] != 0:
+        return 0
     print(
-        f"{len(x)} inputs of {args.data}/{args.split}, r = {args.r:g}, p = {args.p:g}, "
-        f"bound = {args.bound}"
+        f"{len(res.radius)} inputs of {args.data}/{args.split}, r = {args.r:g}, p = {args.p:g}, "
+        f"bound = {args.bound}, mode = {args.mode}"
     )
     print("constants (a, b, c): " + ", ".join(f"{c:.6g}" for c in res.constants))
+    if res.mode == "tight":
+        print(f"joint mean-path bound b_joint: {res.b_used:.6g}")
     if getattr(model, "sigma_max", None):
         print(f"a-priori radius: {a_priori_radius(model, args.r, args.p, bound=args.bound):.6g}")
     print(f"certified radius: {_stats(res.radius)}")
     wins = sum(w == "markov" for w in res.winner)
     print(f"winning bound: markov {wins}, chi2 {len(res.winner) - wins}")
+    rows = _certificate_rows(res, data)
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "radius": res.radius.tolist(),
-                    "winner": list(res.winner),
-                    "constants": list(res.constants),
-                }
-            )
-        )
+        summary = {"r": res.r, "p": res.p, "bound": res.bound, "mode": res.mode,
+                   "constants": list(res.constants), "b_used": res.b_used}  # fmt: skip
+        summary |= {"radius": res.radius.tolist(), "winner": list(res.winner), "inputs": rows}
+        Path(args.json).write_text(json.dumps(summary))
+    if args.csv:
+        _write_csv(Path(args.csv), rows)
     return 0
+
+
+def _certificate_rows(res, data) -> list[dict]:
+    """One row per input: its index and label, radius, each bound's radius, the winner."""
+    labels = data.labels.tolist()
+    v_norm = res.v_norm.tolist() if res.v_norm is not None else [None] * len(labels)
+    return [
+        {
+            "index": i,
+            "label": labels[i],
+            "radius": float(res.radius[i]),
+            "markov": float(res.markov[i]),
+            "chi2": float(res.chi2[i]),
+            "winner": res.winner[i],
+            "sigma_l2": float(res.sigma_l2[i]),
+            "sigma_inf": float(res.sigma_inf[i]),
+            "v_norm": v_norm[i],
+        }
+        for i in range(len(labels))
+    ]
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    import csv
+
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _attack(args: argparse.Namespace) -> int:
     from ..attacks import empirical_margin, latent_space, max_damage
     from ..certify import certify
 
-    model, x = _load(args)
+    model, data = _load(args)
+    x = data.images
     for radius in args.radius:
         if args.kind == "max_damage":
             res = max_damage(model, x, radius, args.steps, args.restarts)
@@ -314,7 +355,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", type=Path, help="a checkpoint written by 'crvae train'")
     _data_args(p)
     p.add_argument("--split", choices=("train", "test", "all"), default="test")
-    p.add_argument("--n", type=_positive_int, default=100, help="how many inputs")
+    p.add_argument("--n", type=_positive_int, help="how many inputs (default: certify the whole "
+                   "split, attack 100)")  # fmt: skip
     p.add_argument("--r", type=_positive_float, default=8.0, help="reconstruction tolerance r")
     p.add_argument("--p", type=_probability, default=0.5, help="probability p in (0, 1)")
 
@@ -371,7 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
     cert = command("certify", _certify, "certified radii of a trained model")
     _eval_args(cert)
     cert.add_argument("--bound", choices=("best", "markov", "chi2", "paper"), default="best")
-    cert.add_argument("--json", type=Path, help="also write the radii here")
+    cert.add_argument("--mode", choices=("tight", "global"), default="tight",
+                      help="per-input constants, or the model's (a, b, c) for all")  # fmt: skip
+    cert.add_argument("--batch-size", type=_positive_int, default=256)
+    cert.add_argument("--json", type=Path, help="write the summary and one row per input here")
+    cert.add_argument("--csv", type=Path, help="write one row per input here")
+    cert.add_argument("--no-progress", action="store_true")
 
     att = command("attack", _attack, "attack a trained model")
     _eval_args(att)

@@ -86,6 +86,7 @@ def _summary(results: list[Evaluation], settings: DemoSettings) -> dict:
             "constants": list(res.constants),
             "a_priori_radius": res.a_priori,
             "certified_median": float(res.certified.median()),
+            "certified_global_median": float(res.certified_global.median()),
             "paper_median": None if res.paper is None else float(res.paper.median()),
             "margin_median": None if res.margin is None else float(res.margin.median()),
             "damage": {str(t): float(res.damage[t].mean()) for t in ev.attack_radii},

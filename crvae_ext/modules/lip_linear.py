@@ -295,6 +295,15 @@ class LipLinear(nn.Module):
             )
 
     @torch.no_grad()
+    def exact_map(self) -> torch.Tensor:
+        """The eval-mode map as a float64 matrix: s W (exact for fp32 and narrower weights),
+        or the Björck weight the forward applies."""
+        if self.method == "spectral":
+            scale = self._eval_state()[0].detach().to("cpu", torch.float64)
+            return self.weight.detach().to("cpu", torch.float64) * scale
+        return self.effective_weight().to("cpu", torch.float64)
+
+    @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear computing the eval-mode output."""
         w = self.effective_weight()
