@@ -3,11 +3,15 @@
 import pytest
 import torch
 
-from .cases import attack_group, attack_strength, certify_group
+from .cases import attack_group, attack_strength, certify_group, certify_tight_group
 from .harness import case_id, pytest_cases, run_benchmark
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-GROUPS = [certify_group(1024, DEVICE), attack_group(4, 1.0, DEVICE)]
+GROUPS = [
+    certify_group(1024, DEVICE),
+    certify_tight_group(128, DEVICE),
+    attack_group(4, 1.0, DEVICE),
+]
 
 
 @pytest.mark.parametrize(("group", "case"), pytest_cases(GROUPS), ids=case_id)

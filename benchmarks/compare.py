@@ -62,6 +62,7 @@ def groups(device: torch.device, full: bool, only: list[str] | None = None) -> I
         ]
     plan.append(("vae_step", C.vae_step_group, (128, device)))
     plan.append(("certify", C.certify_group, (1024, device)))
+    plan.append(("certify tight", C.certify_tight_group, (128, device)))
     plan.append(("attack", C.attack_group, (8 if full else 4, 1.0, device)))
     for kind, factory, args in plan:
         if only and not any(p.startswith(kind) or kind.startswith(p) for p in only):

@@ -122,6 +122,22 @@ def _largest(ok, end: torch.Tensor, unbounded: torch.Tensor) -> torch.Tensor:
     return torch.where(unbounded, math.inf, radius)
 
 
+def passes(t, a, b, c, s, s_inf, r, p, m: int) -> torch.Tensor:
+    """True where perturbations of norm t are certified by either bound, checked exactly (the
+    second moment, or the chi-square tail by gammaincc), with the rounding allowances."""
+    q = ((1 - p) * (r / a) ** 2).clamp_max(_T_MAX)
+    second = b * b * t * t + (s + c * t) ** 2 + s * s
+    return (second <= q * (1 - _TAIL_SLACK)) | _chi2_ok(t, a, b, c, s_inf, r, p, m)
+
+
+def chi2_quantile_upper(m: int, tail: float) -> float:
+    """A q with P(chi2_m > q) <= tail, checked with the exact tail (gammaincc)."""
+    q = _chi2_quantile(m, tail) or float(m)
+    while float(_chi2_tail(torch.tensor(q, dtype=_F64), m)) > tail:
+        q *= 1 + 1e-9 if q > m else 2
+    return q
+
+
 def _chi2_quantile(m: int, tail: float) -> float | None:
     """u* with P(chi2_m > u*) = tail (scipy; None without it): a starting point only, every
     radius is checked with the exact tail afterwards."""

@@ -166,10 +166,22 @@ class VAEBase(nn.Module):
             self._constants = cached
         return cached[1]
 
+    def decoder_chain(self):
+        """The decoder as ``local.DecoderChain`` (None if it has another shape), cached with
+        the constants."""
+        from .local import decoder_chain
+
+        key = bounds.state_key(self)
+        cached = getattr(self, "_chain", None)
+        if cached is None or cached[0] != key:
+            cached = (key, decoder_chain(self.decoder))
+            self._chain = cached
+        return cached[1]
+
     def invalidate_cache(self) -> None:
         """Forget the cached constants and every layer's eval state: needed only after editing
         a weight through ``.data`` (no version counter sees that)."""
-        self._constants = None
+        self._constants = self._chain = None
         for m in self.modules():
             if m is not self and callable(getattr(m, "invalidate_cache", None)):
                 m.invalidate_cache()

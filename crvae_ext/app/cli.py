@@ -213,7 +213,7 @@ def _certify(args: argparse.Namespace) -> int:
         f"bound = {args.bound}, mode = {args.mode}"
     )
     print("constants (a, b, c): " + ", ".join(f"{c:.6g}" for c in res.constants))
-    if res.mode == "tight":
+    if res.mode != "global":
         print(f"joint mean-path bound b_joint: {res.b_used:.6g}")
     if getattr(model, "sigma_max", None):
         print(f"a-priori radius: {a_priori_radius(model, args.r, args.p, bound=args.bound):.6g}")
@@ -413,8 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     cert = command("certify", _certify, "certified radii of a trained model")
     _eval_args(cert)
     cert.add_argument("--bound", choices=("best", "markov", "chi2", "paper"), default="best")
-    cert.add_argument("--mode", choices=("tight", "global"), default="tight",
-                      help="per-input constants, or the model's (a, b, c) for all")  # fmt: skip
+    cert.add_argument("--mode", choices=("fast", "tight", "global"), default="fast",
+                      help="tight: per-input closed forms; local: + the decoder's local bound "
+                      "(slower); global: the model's (a, b, c)")  # fmt: skip
     cert.add_argument("--batch-size", type=_positive_int, default=256)
     cert.add_argument("--json", type=Path, help="write the summary and one row per input here")
     cert.add_argument("--csv", type=Path, help="write one row per input here")

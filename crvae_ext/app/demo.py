@@ -52,6 +52,7 @@ def fast_settings() -> DemoSettings:
         evaluation=EvalSettings(
             attack_radii=(1.0, 2.0),
             n_certify=200,
+            n_local=32,
             n_attack=16,
             n_margin=8,
             attack_steps=10,
@@ -87,6 +88,9 @@ def _summary(results: list[Evaluation], settings: DemoSettings) -> dict:
             "a_priori_radius": res.a_priori,
             "certified_median": float(res.certified.median()),
             "certified_global_median": float(res.certified_global.median()),
+            "certified_local_median": (
+                None if res.certified_local is None else float(res.certified_local.median())
+            ),
             "paper_median": None if res.paper is None else float(res.paper.median()),
             "margin_median": None if res.margin is None else float(res.margin.median()),
             "damage": {str(t): float(res.damage[t].mean()) for t in ev.attack_radii},
