@@ -63,11 +63,14 @@ def _probe(**env_updates: str) -> dict:
         timeout=900,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["stderr"] = done.stderr
+    return result
 
 
 def test_disabled_by_environment():
     result = _probe(CRVAE_NO_CPP="1")
+    assert "building the C++" not in result["stderr"]
     assert result["default"] == "torch"
     assert "cpp" not in result["backends"]
     assert "CRVAE_NO_CPP" in result["reason"]
@@ -79,6 +82,10 @@ def test_disabled_by_environment():
 def test_failed_build_warns_once_and_falls_back(tmp_path):
     result = _probe(CXX=str(tmp_path / "no-such-compiler"), CRVAE_CPP_CACHE=str(tmp_path / "c"))
     assert result["at_import"] == [] and not result["built_at_import"]
+    # an empty cache: the build is announced first, on one line, with how to skip or pre-build
+    announced = [ln for ln in result["stderr"].splitlines() if "building the C++" in ln]
+    assert len(announced) == 1
+    assert "crvae build" in announced[0] and "CRVAE_NO_CPP=1" in announced[0]
     assert len(result["warnings"]) == 1
     category, message = result["warnings"][0]
     assert category == "RuntimeWarning"
@@ -154,7 +161,14 @@ def _toolchain() -> bool:
 
 @pytest.mark.skipif(not _toolchain(), reason="no C++ compiler or ninja here")
 @pytest.mark.skipif(bool(os.environ.get("CRVAE_NO_CPP")), reason="disabled by $CRVAE_NO_CPP")
-def test_cpp_backend_builds_where_a_toolchain_exists():
-    """Where a compiler and ninja exist the build must work (CI builds from an empty cache)."""
+def test_cpp_backend_builds_where_a_toolchain_exists(capsys):
+    """Where a compiler and ninja exist the build must work (CI builds from an empty cache);
+    ``crvae build`` says so, and a built backend is not announced again."""
+    from crvae_ext._cpp import _build as build
+    from crvae_ext.app import cli
+
     assert _backend.unusable_reason("cpp", "cpu") is None
     assert "cpp" in _backend.backends("cpu")
+    assert cli.main(["build"]) == 0
+    assert "built and loaded" in capsys.readouterr().out
+    assert build.aot_library() is not None or build.is_built()

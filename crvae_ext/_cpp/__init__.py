@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import re
+import sys
 import threading
 import warnings
 
@@ -21,6 +22,10 @@ from .. import _meta, _torch_private
 from . import _build
 
 DISABLE_ENV = "CRVAE_NO_CPP"
+ANNOUNCEMENT = (
+    "crvae_ext: building the C++ backend for this torch and Python (first use only, about a "
+    "minute; 'crvae build' builds it ahead, CRVAE_NO_CPP=1 skips it for the torch reference)\n"
+)
 _log = logging.getLogger(__name__)
 _DIAGNOSTIC = re.compile(r"error|not found|fatal|no such file|permission denied", re.IGNORECASE)
 
@@ -82,7 +87,9 @@ def _load_once() -> str | None:
         if path is not None:
             torch.ops.load_library(str(path))
         else:
-            _log.info("crvae_ext: building the C++ backend (first use only, about a minute)")
+            if not _build.is_built():
+                sys.stderr.write(ANNOUNCEMENT)
+                sys.stderr.flush()
             _jit_build()
     except Exception as exc:
         _log.debug("building csrc failed: %s", exc, exc_info=True)

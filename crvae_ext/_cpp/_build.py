@@ -115,6 +115,15 @@ def aot_library() -> Path | None:
     return None
 
 
+def is_built(with_cuda: bool = False) -> bool:
+    """Whether the just-in-time build for these sources and flags is already in the cache."""
+    root = source_dir()
+    if root is None:
+        return False
+    directory = build_directory(root, with_cuda, cxx_flags(native=True))
+    return any(directory.glob(f"{LIBRARY_NAME}*.so"))
+
+
 def jit_build(with_cuda: bool) -> Path:
     """Compile csrc with ninja (or reuse the cached build); return the library's path."""
     from torch.utils import cpp_extension

@@ -53,6 +53,22 @@ def _info(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _build_cpp(args: argparse.Namespace) -> int:
+    """Build (or find) the C++ backend now rather than at the first use of an op."""
+    from .. import _cpp
+
+    reason = _cpp.unusable_reason("cpu")
+    if reason is not None:
+        print(f"crvae build: the C++ backend is unusable: {reason}", file=sys.stderr)
+        return 1
+    print(
+        "the C++ backend is built and loaded (cpu"
+        + (", cuda" if _cpp.unusable_reason("cuda") is None else "")
+        + ")"
+    )
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoSettings, fast_settings, run_demo
 
@@ -401,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     command("info", _info, "versions, usable backends and a self-check")
+    command("build", _build_cpp, "build the C++ backend now (else its first use does)")
 
     demo = command("demo", _demo, "Lipschitz vs standard VAE on the bundled MNIST")
     demo.add_argument("--fast", action="store_true", help="small networks, a minute or less")
