@@ -156,7 +156,10 @@ class _GroupSort(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: a node that differentiates again
             grad_x = _GroupSortBackward.apply(grad, x, group_size, dim, backend)
         elif _backend.plain_eager():
-            grad_x = _backend.kernels(backend).groupsort_backward(grad, x, group_size, dim)
+            if grad.stride(dim) == 0:  # equal along dim (e.g. y.sum()): no permutation moves it
+                return grad, None, None, None
+            kernel = _backend.kernels(backend).groupsort_backward
+            grad_x = kernel(grad.contiguous(), x, group_size, dim)
         else:
             grad_x = groupsort_backward(grad, x, group_size, dim, backend)
         return grad_x, None, None, None

@@ -540,3 +540,28 @@ def test_triton_cuda_opcheck():
     for g in (2, 3, 4):
         opcheck(ops.groupsort, (x, g, 1, "triton"))
         opcheck(ops.groupsort_backward, (torch.randn_like(x), x.detach(), g, 1, "triton"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_gradient_layout_matches_the_oracle(backend, monkeypatch):
+    """Dense, expanded (y.sum().backward()) and transposed upstream gradients; an expanded one
+    skips the kernel (equal values along dim: no permutation moves them)."""
+    x = torch.randn(6, 16, dtype=torch.float64)
+    layouts = {
+        "dense": torch.randn(6, 16, dtype=torch.float64),
+        "expanded": torch.ones((), dtype=torch.float64).expand(6, 16),
+        "rows_expanded": torch.randn(6, 1, dtype=torch.float64).expand(6, 16),
+        "transposed": torch.randn(16, 6, dtype=torch.float64).t(),
+    }
+    calls = []
+    kernels = crvae_ext._backend.kernels(backend)
+    original = kernels.groupsort_backward
+    monkeypatch.setattr(kernels, "groupsort_backward", lambda *a: calls.append(1) or original(*a))
+    for name, grad in layouts.items():
+        calls.clear()
+        leaf = x.clone().requires_grad_(True)
+        (got,) = torch.autograd.grad(F.groupsort(leaf, 4, 1, backend=backend), leaf, grad)
+        oracle = x.clone().requires_grad_(True)
+        (want,) = torch.autograd.grad(sort_oracle(oracle, 4, 1), oracle, grad)
+        assert torch.equal(got, want), name
+        assert (calls == []) == name.endswith("expanded"), name
