@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from . import _checks, reference
+from . import _checks, _state, reference
 
 _BOUNDS: dict[type[nn.Module], Callable[[nn.Module], float]] = {}
 
@@ -77,9 +77,9 @@ def linear_map(module: nn.Module) -> torch.Tensor | None:
 
 def state_key(module: nn.Module) -> tuple:
     """What a module's bounds depend on, as PyTorch tracks it: every parameter's and buffer's
-    version counter, storage, shape, dtype and device, and every submodule's plain attributes
-    (slopes, k, the method, a layer's count of gradients from fused optimizer steps). In-place
-    edits through ``.data`` are invisible to version counters: call ``invalidate_cache()``."""
+    ``_state.tensor_key`` (version counter, gradient count for fused optimizer steps, storage,
+    shape, dtype, device) and every submodule's plain attributes (slopes, k, the method).
+    In-place edits through ``.data`` are invisible: call ``invalidate_cache()``."""
     parts = []
     for m in module.modules():
         attrs = tuple(
@@ -90,7 +90,7 @@ def state_key(module: nn.Module) -> tuple:
             )
         )
         tensors = tuple(
-            (t._version, t.data_ptr(), tuple(t.shape), t.dtype, t.device)
+            _state.tensor_key(t)
             for t in (*m._parameters.values(), *m._buffers.values())
             if t is not None
         )

@@ -178,7 +178,8 @@ class CertificateConstants(NamedTuple):
 
 @dataclass
 class CertifyResult:
-    """Per-input certified radii, the constants used and which bound won for each input.
+    """Per-input certified radii, the constants used and which bound won for each input
+    ("markov", "chi2", "paper-..."; "local-<bound>" where mode "tight"'s local bound raised it).
 
     ``constants`` are the model's (a, b, c); modes "fast" and "tight" use ``b_used`` (the joint
     mean-path bound) and a projection-aware c computed per input from ``v_norm`` = |v(x)|, the
@@ -232,11 +233,15 @@ def _encode_for_certificate(model: Any, x: torch.Tensor, cap: float | None):
 
 
 def _sigma_batch(model, x, cap: float | None, with_mean: bool = False):
-    """(|sigma|_2, max_i sigma_i, |v(x)| or None, latent size, mu or None) of one batch."""
+    """(|sigma|_2, max_i sigma_i, |v(x)| or None, latent size, mu or None) of one batch, on the
+    model's device; the results in float64 on the CPU, where the certificates are computed."""
+    device = next((p.device for p in model.parameters()), x.device)
+    x = x.to(device)
     with eval_mode(model), torch.no_grad():
         sigma, v_norm = _encode_for_certificate(model, x, cap)
-        mu = model.encode(x)[0].detach().to(torch.float64) if with_mean else None
-    sigma = sigma.detach().to(torch.float64)
+        mu = model.encode(x)[0].detach().to("cpu", torch.float64) if with_mean else None
+    sigma = sigma.detach().to("cpu", torch.float64)
+    v_norm = None if v_norm is None else v_norm.cpu()
     return sigma.norm(dim=-1), sigma.amax(dim=-1), v_norm, sigma.shape[-1], mu
 
 
@@ -282,11 +287,12 @@ def certify(
     projection = None if v_norm is None else (consts.sigma_cap, v_norm)
     m = parts[0][3]
     result = radius.radii(consts.a, b, consts.c, s, s_inf, r, p, m, bound, projection)
+    found = None
     if local:
         found = torch.cat([
             _local_radii(chain, consts, s[i], s_inf[i], mu[i],
                          None if projection is None else (projection[0], projection[1][i]),
-                         r, p, m, result.radius[i])
+                         r, p, m, result.radius[i], bound)
             for i in torch.arange(len(s)).split(_LOCAL_CHUNK)
         ])  # fmt: skip
         result = radius.Radii(torch.maximum(result.radius, found), result.markov, result.chi2)
@@ -296,6 +302,9 @@ def certify(
     else:
         wins = (result.markov >= result.chi2).tolist()
         winner = tuple(names[0] if w else names[1] for w in wins)
+    if found is not None:  # radii the decoder's local bound raised: "local-" + the bound used
+        raised = (found > torch.maximum(result.markov, result.chi2)).tolist()
+        winner = tuple(f"local-{bound}" if up else w for up, w in zip(raised, winner, strict=True))
     return CertifyResult(
         result.radius,
         result.markov,
@@ -313,7 +322,7 @@ def certify(
     )
 
 
-def _local_radii(chain, consts, s, s_inf, mu, projection, r, p, m, start) -> torch.Tensor:
+def _local_radii(chain, consts, s, s_inf, mu, projection, r, p, m, start, bound) -> torch.Tensor:
     """Mode "tight" (README, "Local decoder bound"): with q the chi-square quantile of tail
     eps/2, both latent samples lie in B(mu(x), b t + (s_inf + c_eff t) sqrt(q)) except with
     probability eps; on that event the decoder moves by at most a_B |z' - z|, a_B its local
@@ -324,13 +333,13 @@ def _local_radii(chain, consts, s, s_inf, mu, projection, r, p, m, start) -> tor
 
     eps = LOCAL_EPS
     root_q = math.sqrt(radius.chi2_quantile_upper(m, eps / 2))
-    b, c = torch.tensor(consts.b, dtype=torch.float64), torch.tensor(consts.c, dtype=torch.float64)
+    a, b, c = (torch.tensor(v, dtype=torch.float64) for v in (consts.a, consts.b, consts.c))
 
     def ok(t: torch.Tensor) -> torch.Tensor:
         c_t = radius.effective_c(t, c, projection)
         reach = b * t + (s_inf + c_t * t) * root_q
-        a_local = local_lipschitz(chain, mu, reach)
-        return radius.passes(t, a_local, b, c_t, s, s_inf, r, p + eps, m)
+        a_local = torch.minimum(local_lipschitz(chain, mu, reach), a)  # both are sound
+        return radius.passes(t, a_local, b, c_t, s, s_inf, r, p + eps, m, bound)
 
     finite = torch.isfinite(start) & (start > 0)
     lo = torch.where(finite, start, torch.zeros_like(start))
@@ -394,7 +403,7 @@ def _gather(data, *values):
         if value is None:
             merged.append(None)
             continue
-        out = torch.empty(len(data), dtype=value.dtype)
+        out = torch.empty((len(data), *value.shape[1:]), dtype=value.dtype)
         for rank, share in enumerate(shares):
             out[rank::world] = share[i]
         merged.append(out)

@@ -122,12 +122,17 @@ def _largest(ok, end: torch.Tensor, unbounded: torch.Tensor) -> torch.Tensor:
     return torch.where(unbounded, math.inf, radius)
 
 
-def passes(t, a, b, c, s, s_inf, r, p, m: int) -> torch.Tensor:
-    """True where perturbations of norm t are certified by either bound, checked exactly (the
-    second moment, or the chi-square tail by gammaincc), with the rounding allowances."""
+def passes(t, a, b, c, s, s_inf, r, p, m: int, bound: str = "best") -> torch.Tensor:
+    """True where perturbations of norm t are certified by ``bound`` ("markov", "chi2" or
+    "best": either), checked exactly (the second moment, or the chi-square tail by gammaincc),
+    with the rounding allowances."""
     q = ((1 - p) * (r / a) ** 2).clamp_max(_T_MAX)
     second = b * b * t * t + (s + c * t) ** 2 + s * s
-    return (second <= q * (1 - _TAIL_SLACK)) | _chi2_ok(t, a, b, c, s_inf, r, p, m)
+    markov = second <= q * (1 - _TAIL_SLACK)
+    if bound == "markov":
+        return markov
+    chi2 = _chi2_ok(t, a, b, c, s_inf, r, p, m)
+    return chi2 if bound == "chi2" else markov | chi2
 
 
 def chi2_quantile_upper(m: int, tail: float) -> float:

@@ -162,9 +162,9 @@ def _check_batches(examples: int, batch_size: int, world: int) -> None:
 def _check_resumable(saved: Checkpoint, model: nn.Module, config: TrainConfig, path) -> None:
     """Resuming continues the same model with the settings the run started with, for more
     epochs than the checkpoint holds (it is deterministic only then)."""
-    if type(saved.model) is not type(model) or saved.model.config != {
-        k: v for k, v in model.config.items() if k in saved.model.config
-    }:
+    ours = {k: v for k, v in model.config.items() if k in saved.model.config and k != "backend"}
+    theirs = {k: v for k, v in saved.model.config.items() if k != "backend"}
+    if type(saved.model) is not type(model) or ours != theirs:
         raise ValueError(
             f"cannot resume from {path}: it holds a {type(saved.model).__name__} with "
             f"{saved.model.config}, not this {type(model).__name__}; build the model from the "

@@ -9,6 +9,33 @@ from crvae_ext import GroupSort, LipLinear, MaxMin
 DEVICE = "cuda"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["spectral", "bjorck"])
+def test_compiled_eval_applies_the_certified_map(method):
+    """A stale power-iteration state (weights edited, then eval): the compiled eval forward is
+    the eager one, whose map lipschitz_bound certifies, also after a later weight edit."""
+    torch.manual_seed(0)
+    layer = LipLinear(12, 8, lipschitz=1.0, method=method)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(8, 12))  # v is far from the new top singular vector
+    layer.eval()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.eye(12)
+    for edit in (None, 1.7):
+        if edit is not None:
+            with torch.no_grad():
+                layer.weight.mul_(edit).add_(0.3 * torch.randn(8, 12))
+            bound = layer.lipschitz_bound()  # certifies the current weights: refreshes the state
+        else:
+            bound = layer.lipschitz_bound()
+        with torch.no_grad():
+            got, want = compiled(x), layer(x)
+        assert torch.equal(got, want)
+        bias = layer.bias.detach()
+        gain = float(torch.linalg.matrix_norm((got - bias).double(), ord=2))
+        assert gain <= bound * (1 + 1e-6)
+
+
 def _stack() -> nn.Sequential:
     return nn.Sequential(LipLinear(16, 32), GroupSort(4), LipLinear(32, 8, lipschitz=2.0), MaxMin())
 

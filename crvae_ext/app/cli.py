@@ -234,8 +234,8 @@ def _certify(args: argparse.Namespace) -> int:
     if getattr(model, "sigma_max", None):
         print(f"a-priori radius: {a_priori_radius(model, args.r, args.p, bound=args.bound):.6g}")
     print(f"certified radius: {_stats(res.radius)}")
-    wins = sum(w == "markov" for w in res.winner)
-    print(f"winning bound: markov {wins}, chi2 {len(res.winner) - wins}")
+    counts = {name: res.winner.count(name) for name in dict.fromkeys(res.winner)}
+    print("winning bound: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
     rows = _certificate_rows(res, data)
     if args.json:
         summary = {"r": res.r, "p": res.p, "bound": res.bound, "mode": res.mode,
@@ -431,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_args(cert)
     cert.add_argument("--bound", choices=("best", "markov", "chi2", "paper"), default="best")
     cert.add_argument("--mode", choices=("fast", "tight", "global"), default="fast",
-                      help="tight: per-input closed forms; local: + the decoder's local bound "
+                      help="fast: per-input closed forms; tight: + the decoder's local bound "
                       "(slower); global: the model's (a, b, c)")  # fmt: skip
     cert.add_argument("--batch-size", type=_positive_int, default=256)
     cert.add_argument("--json", type=Path, help="write the summary and one row per input here")

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import math
-import weakref
 from typing import Any
 
 import torch
 from torch import nn
 
-from .. import _backend, _checks, _torch_private, bounds
+from .. import _backend, _checks, _state, _torch_private, bounds
 from .. import functional as F
 
 METHODS = ("spectral", "bjorck")
@@ -20,14 +18,6 @@ _SIGMA_FLOOR = 1e-12
 _TOLERANCE = 1e-7
 _CHECK_EVERY = 10
 _MAX_STEPS = 2000
-
-
-def _count_gradient(layer_ref: weakref.ref, weight: torch.Tensor) -> None:
-    """Post-accumulate-grad hook: a gradient reached the weight, so a step may follow (fused
-    optimizers change weights without bumping their version counter)."""
-    layer = layer_ref()
-    if layer is not None:
-        layer._gradients += 1
 
 
 class LipLinear(nn.Module):
@@ -76,8 +66,6 @@ class LipLinear(nn.Module):
         self.lipschitz = lipschitz
         self._cache: tuple | None = None
         self._bjorck_cache: tuple | None = None
-        self._gradients = 0
-        self._watched: weakref.ref | None = None
         self.reset_parameters()
 
     @property
@@ -184,62 +172,65 @@ class LipLinear(nn.Module):
         return self._scale(sigma), u, v
 
     def _eval_key(self) -> tuple:
-        """What the eval state depends on; version counters see in-place edits under no_grad,
-        the gradient count sees the steps of fused optimizers (which bump no version)."""
-        self._watch()
-        w = self.weight
+        """What the eval state depends on: W, u, v as PyTorch tracks them (``_state``), k and
+        the Björck steps."""
         return (
-            w._version,
-            w.data_ptr(),
-            w.dtype,
-            w.device,
-            self._gradients,
-            self.u._version,
-            self.v._version,
-            self.u.data_ptr(),
-            self.v.data_ptr(),
+            _state.tensor_key(self.weight),
+            _state.tensor_key(self.u),
+            _state.tensor_key(self.v),
             self._lipschitz,
             self.bjorck_iterations,
         )
 
-    def _watch(self) -> None:
-        """Count gradients reaching the current weight (hooks do not survive deepcopy or a new
-        Parameter, so this re-registers whenever the weight object changed)."""
-        watched = self._watched() if self._watched is not None else None
-        if watched is self.weight or not self.weight.requires_grad:
-            return
-        self.weight.register_post_accumulate_grad_hook(
-            functools.partial(_count_gradient, weakref.ref(self))
-        )
-        self._watched = weakref.ref(self.weight)
-
-    def _frozen(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(scale, u, v) for eval: the power iteration from the buffer v, which stays as it is,
-        run to convergence (one step under torch.compile, which cannot loop on a tolerance).
-        sigma_hat = u^T W v holds for the pair and is >= 0 whatever happened to W."""
+    def _converged_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scale, u, v): the power iteration from the buffer v, which stays as it is, run to
+        convergence. sigma_hat = u^T W v holds for the pair and is >= 0 whatever W did."""
         with torch.no_grad(), torch.inference_mode(False):
-            if torch.compiler.is_compiling():
-                sigma, u, v = F.power_iteration(self.weight, self.v, 1, self.backend)
-            else:
-                sigma, u, v = self._converged(self.v)
+            sigma, u, v = self._converged(self.v)
             return self._scale(sigma), u, v
 
     def _eval_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if torch.compiler.is_compiling() or _torch_private.functorch_active():
-            return self._frozen()  # the weight may be a transform's (functional_call): no cache
+        """(scale, u, v) of the eval forward. Eagerly refreshed when the key moves, into the same
+        tensors, in place: a compiled graph reads those tensors, so it applies exactly the map
+        every refresh (``eval()``, an eager eval forward, ``lipschitz_bound``) certifies. Under
+        torch.func the state is computed afresh (the weight may be a transform's)."""
+        if _torch_private.functorch_active():
+            return self._converged_state()
+        if torch.compiler.is_compiling():
+            if self._cache is None:
+                raise RuntimeError(
+                    "LipLinear: an eval-mode layer is compiled before its eval state exists; "
+                    "call .eval() on it (or run it once in eval mode) before torch.compile"
+                )
+            return self._cache[1:]
         key = self._eval_key()
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, *self._frozen())
+            self._cache = (key, *_refresh(self._cache, self._converged_state()))
         return self._cache[1:]
+
+    def train(self, mode: bool = True) -> LipLinear:
+        """As nn.Module.train; switching to eval also refreshes the eval state (and the Björck
+        weight), so that a later torch.compile of the eval forward finds it current."""
+        super().train(mode)
+        plain = not (torch.compiler.is_compiling() or _torch_private.functorch_active())
+        if not mode and plain and not self.weight.is_meta:
+            scale = self._eval_state()[0]
+            if self.method == "bjorck":
+                self._bjorck_cached(scale)
+        return self
 
     def normalization(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(scale, u, v) of the eval-mode forward: y = scale * x W^T + b, scale = k / (u^T W v)."""
         return self._eval_state()
 
     def invalidate_cache(self) -> None:
-        """Forget the eval-mode state; needed only after editing ``weight.data`` in place,
-        which no version counter sees (``lipschitz_bound`` always does this first)."""
-        self._cache = self._bjorck_cache = None
+        """Mark the eval state stale (its tensors stay, for compiled graphs that read them);
+        needed only after editing ``weight.data`` in place, which no version counter sees
+        (``lipschitz_bound`` always does this first)."""
+        if self._cache is not None:
+            self._cache = (None, *self._cache[1:])
+        if self._bjorck_cache is not None:
+            self._bjorck_cache = (None, *self._bjorck_cache[1:])
 
     def _bjorck(self, scale: torch.Tensor) -> torch.Tensor:
         w = self.weight * (scale / self._lipschitz).to(self.weight.dtype)
@@ -254,17 +245,26 @@ class LipLinear(nn.Module):
 
     def _bjorck_weight(self, scale: torch.Tensor) -> torch.Tensor:
         """Björck weight: differentiable when gradients reach the weight, else cached in eval."""
-        uncached = torch.compiler.is_compiling() or _torch_private.functorch_active()
+        uncached = _torch_private.functorch_active()
         if self.training or uncached or (torch.is_grad_enabled() and self.weight.requires_grad):
             return self._bjorck(scale)
         return self._bjorck_cached(scale)
 
     @torch.no_grad()
     def _bjorck_cached(self, scale: torch.Tensor) -> torch.Tensor:
+        """The eval Björck weight, refreshed in place like the eval state (the same tensor under
+        torch.compile)."""
+        if torch.compiler.is_compiling():
+            if self._bjorck_cache is None:
+                raise RuntimeError(
+                    "LipLinear: call .eval() on a Björck layer before compiling its eval forward"
+                )
+            return self._bjorck_cache[1]
         key = self._eval_key()
         if self._bjorck_cache is None or self._bjorck_cache[0] != key:
             with torch.inference_mode(False):
-                self._bjorck_cache = (key, self._bjorck(scale))
+                fresh = (self._bjorck(scale),)
+            self._bjorck_cache = (key, *_refresh(self._bjorck_cache, fresh))
         return self._bjorck_cache[1]
 
     @torch.no_grad()
@@ -358,6 +358,23 @@ class LipLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, lipschitz={self._lipschitz:g}, method={self.method!r}"
         )
+
+
+def _refresh(cached: tuple | None, fresh: tuple) -> tuple:
+    """``fresh`` copied into the cached tensors in place where they fit (same shape, dtype and
+    device), else the fresh tensors themselves."""
+    old = cached[1:] if cached is not None else ()
+    fits = len(old) == len(fresh) and all(
+        (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device)
+        for a, b in zip(old, fresh, strict=True)
+    )
+    if not fits:
+        return tuple(t.detach().clone() for t in fresh)
+    with torch.no_grad(), torch.inference_mode(False):
+        for a, b in zip(old, fresh, strict=True):
+            if not torch.equal(a, b):  # an unchanged state bumps no version
+                a.copy_(b)
+    return old
 
 
 def _check_representable(k: float, dtype: torch.dtype) -> None:
