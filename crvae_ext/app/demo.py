@@ -52,7 +52,7 @@ def fast_settings() -> DemoSettings:
         evaluation=EvalSettings(
             attack_radii=(1.0, 2.0),
             n_certify=200,
-            n_local=32,
+            n_tight=32,
             n_attack=16,
             n_margin=8,
             attack_steps=10,
@@ -86,10 +86,10 @@ def _summary(results: list[Evaluation], settings: DemoSettings) -> dict:
             "test_elbo": res.test_elbo,
             "constants": list(res.constants),
             "a_priori_radius": res.a_priori,
-            "certified_median": float(res.certified.median()),
+            "certified_fast_median": float(res.certified.median()),
             "certified_global_median": float(res.certified_global.median()),
-            "certified_local_median": (
-                None if res.certified_local is None else float(res.certified_local.median())
+            "certified_tight_median": (
+                None if res.certified_tight is None else float(res.certified_tight.median())
             ),
             "paper_median": None if res.paper is None else float(res.paper.median()),
             "margin_median": None if res.margin is None else float(res.margin.median()),
