@@ -61,3 +61,13 @@ def dim_index(name: str, dim: object, ndim: int) -> int:
     if not -ndim <= dim < ndim:
         raise ValueError(f"{name}={dim} is out of range for a tensor with {ndim} dimensions")
     return dim % ndim
+
+
+def one_line(exc: BaseException, limit: int = 600) -> str:
+    """An exception's text on one line (torch's errors run to many), with the file an OSError
+    names, at most ``limit`` characters."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    if isinstance(exc, OSError) and exc.filename is not None and str(exc.filename) not in text:
+        text = f"{text}: {exc.filename}"
+    text = text or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -45,6 +45,23 @@ def assume_constant_result(fn: Callable) -> Callable:
     return fn
 
 
+_FunctionBase = getattr(torch._C, "_FunctionBase", None)
+_DIRECT_APPLY = (
+    isinstance(_FunctionBase, type)
+    and issubclass(torch.autograd.Function, _FunctionBase)
+    and callable(getattr(_FunctionBase, "apply", None))
+)
+
+
+def apply_function(function: type[torch.autograd.Function], *args: object) -> object:
+    """``function.apply(*args)`` (positional arguments, no functorch transform active) without
+    the Python wrapper's per-call binding of default arguments through inspect; the wrapper
+    itself where this torch is laid out differently."""
+    if _DIRECT_APPLY:
+        return super(torch.autograd.Function, function).apply(*args)
+    return function.apply(*args)
+
+
 try:
     from torch.utils._python_dispatch import _get_current_dispatch_mode as _dispatch_mode
 except ImportError:

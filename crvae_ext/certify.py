@@ -16,6 +16,7 @@ import torch
 
 from . import _checks, radius
 from ._context import eval_mode
+from ._distributed import world as _world
 from .radius import certified_radius
 
 __all__ = [
@@ -218,18 +219,21 @@ def _model_certificate_constants(model: Any, mode: str) -> CertificateConstants:
     return CertificateConstants(a, b, c, b, None)
 
 
-def _encode_for_certificate(model: Any, x: torch.Tensor, cap: float | None):
-    """(sigma, |v(x)| or None): only the std head runs where the model's ``encode`` is the
-    library's (the mean is not needed); with a capped head its pre-projection output too."""
+def _encode_for_certificate(model: Any, x: torch.Tensor, cap: float | None, with_mean: bool):
+    """(sigma, |v(x)| or None, mu or None): only the std head runs where the model's ``encode``
+    is the library's and the mean is not needed; with a capped head its pre-projection output
+    too."""
     from .vae import VAEBase
 
     if type(model).encode is not VAEBase.encode:
-        return model.encode(x)[1], None
+        mu, sigma = model.encode(x)
+        return sigma, None, mu if with_mean else None
     flat = model._flat(x)
+    mu = model.mean_net(flat) if with_mean else None
     if cap is None:
-        return model.std_net(flat), None
+        return model.std_net(flat), None, mu
     v = model.std_net[:-1](flat)
-    return model.std_net[-1](v), v.detach().to(torch.float64).norm(dim=-1)
+    return model.std_net[-1](v), v.detach().to(torch.float64).norm(dim=-1), mu
 
 
 def _sigma_batch(model, x, cap: float | None, with_mean: bool = False):
@@ -238,10 +242,10 @@ def _sigma_batch(model, x, cap: float | None, with_mean: bool = False):
     device = next((p.device for p in model.parameters()), x.device)
     x = x.to(device)
     with eval_mode(model), torch.no_grad():
-        sigma, v_norm = _encode_for_certificate(model, x, cap)
-        mu = model.encode(x)[0].detach().to("cpu", torch.float64) if with_mean else None
+        sigma, v_norm, mu = _encode_for_certificate(model, x, cap, with_mean)
     sigma = sigma.detach().to("cpu", torch.float64)
     v_norm = None if v_norm is None else v_norm.cpu()
+    mu = None if mu is None else mu.detach().to("cpu", torch.float64)
     return sigma.norm(dim=-1), sigma.amax(dim=-1), v_norm, sigma.shape[-1], mu
 
 
@@ -317,7 +321,7 @@ def certify(
         float(p),
         bound,
         mode,
-        consts.b if mode == "global" else consts.b_joint,
+        b,
         v_norm,
     )
 
@@ -328,7 +332,7 @@ def _local_radii(chain, consts, s, s_inf, mu, projection, r, p, m, start, bound)
     probability eps; on that event the decoder moves by at most a_B |z' - z|, a_B its local
     bound over the ball, so a certificate with (a_B, b, c_eff(t)) at probability p + eps holds at
     p. Any t that passes certifies every smaller one (a_B of a ball holds on smaller balls):
-    a geometric bisection above the tight radius ``start`` keeps the largest t that passed."""
+    a geometric bisection above the "fast" radius ``start`` keeps the largest t that passed."""
     from .local import local_lipschitz
 
     eps = LOCAL_EPS
@@ -375,14 +379,6 @@ def _batches(data: Any, batch_size: int, progress: bool) -> Iterator[torch.Tenso
         if not isinstance(data, torch.Tensor):
             _checks.finite_tensor("x", _checks.float_tensor("x", x))
         yield x
-
-
-def _world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _gather(data, *values):

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from . import _checks
 from .certify import LipschitzConstants, RobustnessTarget
 from .vae import LipschitzVAE, StandardVAE
 
@@ -81,19 +82,25 @@ def check_writable(path: str | Path, what: str = "checkpoint") -> Path:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{what} path {path} is a directory: name a file inside it")
-    parent = path.parent
+    check_folder(path.parent, f"{what} path {path}")
+    return path
+
+
+def check_folder(folder: Path, what: str) -> Path:
+    """Create ``folder`` (and its parents) where missing and check that a file can be written
+    in it; ``what`` starts each error message."""
     try:
-        parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        raise ValueError(f"{what} path {path}: a parent of it is a file, not a folder") from None
+        raise ValueError(f"{what}: {folder} or a parent of it is a file, not a folder") from None
     except OSError as exc:
-        raise ValueError(f"{what} path {path}: cannot create {parent} ({exc.strerror})") from None
+        raise ValueError(f"{what}: cannot create {folder} ({exc.strerror})") from None
     try:
-        with tempfile.TemporaryFile(dir=parent):
+        with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
-        raise ValueError(f"{what} path {path}: cannot write in {parent} ({exc.strerror})") from None
-    return path
+        raise ValueError(f"{what}: cannot write in {folder} ({exc.strerror})") from None
+    return folder
 
 
 def _write_atomically(path: Path, state: dict[str, Any]) -> None:
@@ -164,7 +171,7 @@ def _read(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # arbitrary bytes fail in arbitrary ways inside torch.load
-        summary = _one_line(exc, 200)
+        summary = _checks.one_line(exc, 200)
         if "weights_only" in summary or "Unsupported global" in summary:
             summary = "it holds pickled objects other than tensors and plain data"
         raise ValueError(
@@ -184,13 +191,6 @@ def _read(path: Path) -> dict[str, Any]:
     return state
 
 
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception's text on one line (torch's load errors run to many), at most ``limit``."""
-    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-    text = text or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Read a checkpoint written by ``save_checkpoint`` (weights_only: no code is run)."""
     path = Path(path)
@@ -199,7 +199,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         model = build_model(state["model"])
         model.load_state_dict(state["state_dict"])
     except (ValueError, RuntimeError) as exc:
-        raise ValueError(f"{path}: {_one_line(exc)}") from None
+        raise ValueError(f"{path}: {_checks.one_line(exc, 300)}") from None
     model.to(map_location)
     return Checkpoint(
         model, state["optimizer"], state["epoch"], state["history"], state["train_config"]

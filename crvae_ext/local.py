@@ -1,4 +1,4 @@
-"""Local Lipschitz bounds of a decoder over an l2 ball of latent codes (certify's mode "fast").
+"""Local Lipschitz bounds of a decoder over an l2 ball of latent codes (certify's mode "tight").
 
 The decoder is a chain h_l = W_l y_{l-1} + b_l, y_l = GroupSort_2(h_l) (l < L), out = act(h_L)
 with act a sigmoid or the identity. Over a ball B(c, rho) its Jacobian is
@@ -165,14 +165,8 @@ def local_lipschitz(chain: DecoderChain, center: torch.Tensor, rho: torch.Tensor
         unstable_prev = ~stable
         mean = _mean_permute(wa, order, stable)
         magnitude = _mean_permute(wa_mag, order, stable)
-        y = torch.stack([torch.minimum(h_first, h_second),
-                         torch.maximum(h_first, h_second)], dim=2).flatten(1, 2)  # fmt: skip
-    if chain.sigmoid:
-        nearest = (h.abs() - reach - 1e-9 * (h.abs() + 1)).clamp_min(0)  # nearest point to 0
-        slope = torch.sigmoid(nearest) * torch.sigmoid(-nearest)
-        slope = torch.minimum(slope * (1 + 1e-12), torch.full_like(slope, 0.25))
-    else:
-        slope = torch.ones_like(h)
+        y = _sorted_pairs(h)
+    slope = _output_slopes(chain, h, reach)
     core = _spectral(slope.unsqueeze(-1) * wa)
     core = core + gamma * torch.linalg.matrix_norm(slope.unsqueeze(-1) * wa_mag)
     rows_norm = torch.linalg.vector_norm(w, dim=-1)
@@ -185,6 +179,16 @@ def local_lipschitz(chain: DecoderChain, center: torch.Tensor, rho: torch.Tensor
         total = total + towards * s_prev.squeeze(-1)
         total = total + whole * chain.norms[-2] * r_deeper.squeeze(-1)
     return total * (1 + 16 * _EPS)
+
+
+def _output_slopes(chain: DecoderChain, h: torch.Tensor, reach: torch.Tensor) -> torch.Tensor:
+    """Upper bounds on the output activation's slopes where each output's pre-activation lies
+    within ``reach`` of ``h``: sigmoid' at the interval's point nearest 0 (at most 1/4), or 1."""
+    if not chain.sigmoid:
+        return torch.ones_like(h)
+    nearest = (h.abs() - reach - 1e-9 * (h.abs() + 1)).clamp_min(0)
+    slope = torch.sigmoid(nearest) * torch.sigmoid(-nearest)
+    return torch.minimum(slope * (1 + 1e-12), torch.full_like(slope, 0.25))
 
 
 def _gather_columns(columns: torch.Tensor, unstable: torch.Tensor) -> torch.Tensor:
@@ -254,12 +258,7 @@ def _local_three(chain: DecoderChain, center: torch.Tensor, rho: torch.Tensor) -
     row = lambda t: torch.linalg.vector_norm(t, dim=-1) + rounding  # noqa: E731
     q2_rows = row(wq2)
     reach3 = rho * (row(core_rows) + q2_rows * s2 + (row(deep_rows) + q2_rows * q2wq1) * s1)
-    if chain.sigmoid:
-        nearest = (h3.abs() - reach3 * (1 + 1e-9) - 1e-9 * (h3.abs() + 1)).clamp_min(0)
-        slope = torch.sigmoid(nearest) * torch.sigmoid(-nearest)
-        slope = torch.minimum(slope * (1 + 1e-12), torch.full_like(slope, 0.25))
-    else:
-        slope = torch.ones_like(h3)
+    slope = _output_slopes(chain, h3, reach3 * (1 + 1e-9))
     d = slope.unsqueeze(-1)
     top = slope.amax(-1)
     core = _spectral(d * core_rows) + top * rounding

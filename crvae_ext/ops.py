@@ -132,9 +132,7 @@ def _permute_like_groupsort(t: torch.Tensor, x: torch.Tensor, group_size: int, d
 class _GroupSort(torch.autograd.Function):
     @staticmethod
     def forward(x, group_size, dim, backend):
-        if _backend.plain_eager():
-            return _backend.kernels(backend).groupsort(x, group_size, dim)
-        return groupsort(x, group_size, dim, backend)
+        return call("groupsort", backend, x, group_size, dim)
 
     @staticmethod
     def vmap(info, in_dims, x, group_size, dim, backend):
@@ -250,18 +248,20 @@ _register(groupsort_backward, _GroupSortBackward)
 _register(lip_linear, _LipLinear)
 
 
-def _differentiable(function: type[torch.autograd.Function], op: Callable, kernel: str) -> Callable:
+def _differentiable(function: type[torch.autograd.Function], op: Callable) -> Callable:
     def run(*args: Any) -> Any:
         if _backend.plain_eager():
             if not (torch.is_grad_enabled() and any(_requires_grad(a) for a in args)):
-                return getattr(_backend.kernels(args[-1]), kernel)(*_kernel_args(kernel, args))
-            return super(torch.autograd.Function, function).apply(*args)
+                return function.forward(*args)  # the kernel itself: no graph to record
+            return _torch_private.apply_function(function, *args)
         if torch.compiler.is_compiling():  # the op, whose registered autograd compile traces
             return op(*args)
         return function.apply(*args)  # functorch
 
-    run.__doc__ = f"Differentiable {kernel}: the op with its one autograd formula; in plain "
-    run.__doc__ += "eager mode the kernel itself when nothing needs a gradient."
+    run.__doc__ = (
+        "Differentiable op: its one autograd formula; in plain eager mode the kernel itself "
+        "when nothing needs a gradient."
+    )
     return run
 
 
@@ -269,10 +269,5 @@ def _requires_grad(arg: Any) -> bool:
     return isinstance(arg, torch.Tensor) and arg.requires_grad
 
 
-def _kernel_args(kernel: str, args: tuple) -> tuple:
-    """The op's arguments a kernel takes: lip_linear's kernel needs no u, v, k (backward only)."""
-    return args[:4] if kernel == "lip_linear" else args[:-1]
-
-
-groupsort_autograd = _differentiable(_GroupSort, groupsort, "groupsort")
-lip_linear_autograd = _differentiable(_LipLinear, lip_linear, "lip_linear")
+groupsort_autograd = _differentiable(_GroupSort, groupsort)
+lip_linear_autograd = _differentiable(_LipLinear, lip_linear)

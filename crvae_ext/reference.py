@@ -87,20 +87,21 @@ def lip_linear_backward(
     <G, y> - <1^T G, b> from the saved output.
     """
     need_x, need_w, need_b = needs
-    if need_w and out is None and not need_x:
+    from_y = need_w and not need_x  # <G, y - b> from the saved output
+    if from_y and out is None:
         raise ValueError("lip_linear_backward: out is required when x needs no gradient")
-    grad_bias = grad.sum(0) if bias is not None and (need_b or need_w) else None
+    grad_bias = grad.sum(0) if bias is not None and (need_b or from_y) else None
     acc = accumulate_dtype(grad.dtype)
     g = (grad.to(acc) * scale.to(acc)).to(grad.dtype)
     grad_x = torch.mm(g, weight) if need_x else None
     grad_w = None
     if need_w:
-        if grad_x is not None:
-            inner = torch.vdot(grad_x.reshape(-1).to(acc), x.reshape(-1).to(acc))
-        else:
+        if from_y:
             inner = torch.vdot(grad.reshape(-1).to(acc), out.reshape(-1).to(acc))
             if bias is not None:
                 inner = inner - torch.dot(grad_bias.to(acc), bias.to(acc))
+        else:
+            inner = torch.vdot(grad_x.reshape(-1).to(acc), x.reshape(-1).to(acc))
         coef = inner * (scale.to(acc) / lipschitz)
         grad_w = torch.mm(g.t(), x)
         grad_w.addr_(u.to(weight.dtype), (v * -coef).to(weight.dtype))

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from . import _checks
 from ._context import eval_mode
+from ._distributed import world as _world
 from .checkpoint import Checkpoint, check_writable, load_checkpoint, save_checkpoint
 
 
@@ -53,14 +54,7 @@ class _NegativeELBO(nn.Module):
         self.vae = vae
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor, beta: float) -> torch.Tensor:
-        return -self.vae.elbo(x, beta, eps).mean()
-
-
-def _world() -> tuple[int, int]:
-    """(rank, world size): from torch.distributed when initialised, else (0, 1)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+        return -self.vae.elbo(x, beta, eps, checked=True).mean()
 
 
 def init_distributed() -> bool:
@@ -129,13 +123,15 @@ def train(
             disable=not config.progress or rank != 0,
         )
         for step, (x, _) in enumerate(bar):
+            model.check_data(x)  # on the host batch: no device sync
             noise = _step_noise(config.seed, epoch, step, config.batch_size, model.latent_dim)
             loss = runner(x.to(device), noise[rank::world].to(device), config.beta)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += torch.stack([loss.detach().double(), torch.ones((), device=device)])
-            bar.set_postfix(loss=f"{loss.item():.2f}")
+            if not bar.disable:  # loss.item() waits for the device
+                bar.set_postfix(loss=f"{loss.item():.2f}")
         if world > 1:
             dist.all_reduce(total)
         history.append(float(total[0] / total[1]))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -40,19 +40,6 @@ class TargetCheck(NamedTuple):
     met: bool
 
 
-def _check_data(x: torch.Tensor, likelihood: str) -> None:
-    """Bernoulli-type likelihoods model pixels in [0, 1]; every likelihood needs finite data.
-    One min/max reduction (and host sync) per call."""
-    low, high = (float(t) for t in torch.aminmax(x.detach()))
-    if not (math.isfinite(low) and math.isfinite(high)):
-        raise ValueError("x contains NaN or inf")
-    if likelihood != "gaussian" and not (low >= 0 and high <= 1):
-        raise ValueError(
-            f"x must lie in [0, 1] for the {likelihood} likelihood, got values in "
-            f"[{low:g}, {high:g}]: scale the data (e.g. pixels / 255) or use likelihood='gaussian'"
-        )
-
-
 def _leaves(module: nn.Module) -> list[nn.Module]:
     """The modules a plain nn.Sequential applies in order (nested ones flattened)."""
     if type(module) is not nn.Sequential:
@@ -65,8 +52,10 @@ def _joint_mean_bound(vae: VAEBase, a: float, b: float) -> float:
     on the mean path the decoder's first linear map follows the mean net's last one with no
     nonlinearity between, so their product is bounded as one matrix (README)."""
     decoder, mean = _leaves(vae.decoder), _leaves(vae.mean_net)
+    if not decoder or not mean or a == 0:
+        return b
     first, last = bounds.linear_map(decoder[0]), bounds.linear_map(mean[-1])
-    if first is None or last is None or a == 0 or len(decoder) < 1 or len(mean) < 1:
+    if first is None or last is None:
         return b
     rest = math.prod(lipschitz_bound(m) for m in decoder[1:])
     inner = math.prod(lipschitz_bound(m) for m in mean[:-1])
@@ -134,21 +123,42 @@ class VAEBase(nn.Module):
         return self.decode(self.sample_latent(mu, sigma)), mu, sigma
 
     def elbo(
-        self, x: torch.Tensor, beta: float = 1.0, eps: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        beta: float = 1.0,
+        eps: torch.Tensor | None = None,
+        *,
+        checked: bool = False,
     ) -> torch.Tensor:
         """Per-example ELBO, one reparameterised sample: log p(x | z) - beta KL(q || N(0, I)).
 
         ``eps`` (batch x latent_dim) fixes the sampling noise, e.g. for reproducible training.
+        ``checked=True`` skips ``check_data`` (a host sync), for callers that checked ``x``
+        already, as ``train`` does on each host batch before moving it to the device.
         """
         beta = _checks.nonnegative_finite("beta", beta)
         flat = self._flat(x)
-        _check_data(flat, self.likelihood)
+        if not checked:
+            self.check_data(flat)
         mu, sigma = self.encode(flat)
         if eps is not None and eps.shape != mu.shape:
             raise ValueError(f"eps must have shape {tuple(mu.shape)}, got {tuple(eps.shape)}")
         out = self.decoder[0](self.sample_latent(mu, sigma, eps))
         log_lik = log_likelihood(self.likelihood, out, flat, self.observation_std)
         return log_lik - beta * gaussian_kl(mu, sigma)
+
+    def check_data(self, x: torch.Tensor) -> None:
+        """Raise unless ``x`` is data the likelihood describes: finite, and in [0, 1] (pixels)
+        for the Bernoulli types. One min/max reduction and host sync per call."""
+        low, high = (float(t) for t in torch.aminmax(x.detach()))
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError("x contains NaN or inf")
+        if self.likelihood != "gaussian" and not (low >= 0 and high <= 1):
+            raise ValueError(
+                f"x must lie in [0, 1] for the {self.likelihood} likelihood, got values in "
+                f"[{low:g}, {high:g}]: scale the data (e.g. pixels / 255) or use "
+                "likelihood='gaussian'"
+            )
 
     def lipschitz_constants(self) -> LipschitzConstants:
         """Sound upper bounds (a, b, c) from the actual weights (float64 SVDs), computed once
@@ -159,23 +169,22 @@ class VAEBase(nn.Module):
         """(a, b, c), the joint mean-path bound and the std head's cap: cached, and recomputed
         whenever ``bounds.state_key`` sees the weights change (optimizer steps, fused ones
         included, load_state_dict, in-place edits under no_grad, a new k)."""
-        key = bounds.state_key(self)
-        cached = getattr(self, "_constants", None)
-        if cached is None or cached[0] != key:
-            cached = (key, self._compute_constants())
-            self._constants = cached
-        return cached[1]
+        return self._cached("_constants", self._compute_constants)
 
     def decoder_chain(self):
         """The decoder as ``local.DecoderChain`` (None if it has another shape), cached with
         the constants."""
         from .local import decoder_chain
 
+        return self._cached("_chain", lambda: decoder_chain(self.decoder))
+
+    def _cached(self, name: str, compute: Callable[[], Any]) -> Any:
+        """``compute()``, kept in attribute ``name`` until ``bounds.state_key`` moves."""
         key = bounds.state_key(self)
-        cached = getattr(self, "_chain", None)
+        cached = getattr(self, name, None)
         if cached is None or cached[0] != key:
-            cached = (key, decoder_chain(self.decoder))
-            self._chain = cached
+            cached = (key, compute())
+            setattr(self, name, cached)
         return cached[1]
 
     def invalidate_cache(self) -> None:

@@ -11,6 +11,7 @@ import torch
 
 from crvae_ext import StandardVAE
 from crvae_ext.checkpoint import load_checkpoint, save_checkpoint
+from crvae_ext.data import ImageDataset
 from crvae_ext.train import TrainConfig, evaluate_elbo, train
 
 pytest.importorskip("sklearn")
@@ -174,6 +175,24 @@ def test_batch_larger_than_the_data_trains_nothing(tmp_path):
         train(model, small_data(100), _config(batch_size=128, checkpoint=str(tmp_path / "c.pt")))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     assert not (tmp_path / "c.pt").exists()
+
+
+@pytest.mark.parametrize("bad", [2.0, float("nan")])
+def test_training_data_is_checked_on_the_host_batch(bad):
+    """train() checks each host batch (elbo is then told the data is checked): a pixel
+    outside [0, 1] or a NaN stops training with the likelihood's message."""
+    data = small_data(64)
+    images = data.images.clone()
+    images[37, 5] = bad
+    model = small_vae()
+    before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    message = "NaN or inf" if bad != bad else r"must lie in \[0, 1\]"
+    with pytest.raises(ValueError, match=message):
+        train(model, ImageDataset(images, data.labels, data.image_shape, "digits"),
+              _config(batch_size=64, epochs=1))  # fmt: skip
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    with pytest.raises(ValueError, match=message):
+        model.elbo(images)
 
 
 def test_a_changed_model_record_is_a_clear_error(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .. import _backend, reference
+from .. import _backend, _checks, reference
 from .._version import __version__
 from ..modules import LipLinear
 
@@ -348,17 +348,11 @@ def _probability(text: str) -> float:
 
 def output_dir(path: Path, flag: str) -> Path:
     """Refuse, before any work, an output folder that is a file or cannot be written."""
-    import tempfile
+    from ..checkpoint import check_folder
 
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {path} is a file: name a folder for the outputs")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as exc:
-        raise ValueError(f"{flag} {path}: cannot write there ({exc.strerror})") from None
-    return path
+    return check_folder(path, f"{flag} {path}")
 
 
 def _data_args(p: argparse.ArgumentParser, seed_default: int | None = 0) -> None:
@@ -463,14 +457,6 @@ def build_parser() -> argparse.ArgumentParser:
 _USER_ERRORS = (ValueError, TypeError, OSError, ImportError, RuntimeError)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-    if isinstance(exc, OSError) and exc.filename is not None and str(exc.filename) not in text:
-        text = f"{text}: {exc.filename}"
-    text = text or type(exc).__name__
-    return text if len(text) <= 600 else text[:597] + "..."
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``crvae`` console script; every error becomes one clear line on
     stderr (exit 2 for bad input, 1 for a defect), a traceback only with --debug."""
@@ -485,10 +471,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         if isinstance(exc, _USER_ERRORS):
-            print(f"crvae {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+            print(f"crvae {args.command}: error: {_checks.one_line(exc)}", file=sys.stderr)
             return 2
         print(
-            f"crvae {args.command}: internal error: {type(exc).__name__}: {_one_line(exc)} "
+            f"crvae {args.command}: internal error: {type(exc).__name__}: {_checks.one_line(exc)} "
             "(a defect of crvae_ext; rerun with --debug for the traceback)",
             file=sys.stderr,
         )

@@ -124,21 +124,31 @@ def report_table(results: list[Evaluation], settings: EvalSettings) -> str:
         *(f"damage @{t:g}" for t in radii),
         "violations",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for res in results:
-        median = lambda t: "-" if t is None else f"{float(t.double().median()):.4g}"  # noqa: E731
         row = [
             res.name,
             f"{res.test_elbo:.1f}",
             "(" + ", ".join(f"{c:.3g}" for c in res.constants) + ")",
             "-" if res.a_priori is None else f"{res.a_priori:.4g}",
-            median(res.certified_global),
-            median(res.certified),
-            median(res.certified_tight),
-            median(res.paper),
-            median(res.margin),
+            median_text(res.certified_global),
+            median_text(res.certified),
+            median_text(res.certified_tight),
+            median_text(res.paper),
+            median_text(res.margin),
             *(f"{float(res.damage[t].mean()):.3f}" for t in radii),
             str(res.violations),
         ]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+        rows.append(row)
+    return markdown_table(head, rows)
+
+
+def median_text(values: torch.Tensor | None) -> str:
+    """The median of per-input values for a table, "-" where there are none."""
+    return "-" if values is None else f"{float(values.double().median()):.4g}"
+
+
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    """A markdown table of string cells."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])

@@ -21,7 +21,7 @@ from ..train import TrainConfig, train
 from ..vae import LipschitzVAE, StandardVAE
 from . import figures
 from .demo import DATA_NOTE
-from .evaluate import EvalSettings, Evaluation, evaluate
+from .evaluate import EvalSettings, Evaluation, evaluate, markdown_table, median_text
 
 
 @dataclass
@@ -57,17 +57,16 @@ def _row(lip: float | None, res: Evaluation, settings: SweepSettings) -> list[st
     paper = "-"
     if lip is not None:
         paper = f"{float(certified_radius(lip, lip, lip, s, s, ev.r, 0.5, m, 'paper')):.4f}"
-    median = lambda t: "-" if t is None else f"{float(t.median()):.4g}"  # noqa: E731
     return [
         "standard" if lip is None else f"{lip:g}",
         f"{res.test_elbo:.1f}",
         "(" + ", ".join(f"{c:.3g}" for c in res.constants) + ")",
         paper,
         "-" if res.a_priori is None else f"{res.a_priori:.4f}",
-        median(res.certified_global),
-        median(res.certified),
-        median(res.certified_tight),
-        median(res.margin),
+        median_text(res.certified_global),
+        median_text(res.certified),
+        median_text(res.certified_tight),
+        median_text(res.margin),
         *(f"{float(res.damage[t].mean()):.3f}" for t in ev.attack_radii),
         str(res.violations),
     ]
@@ -109,10 +108,7 @@ def run_sweep(settings: SweepSettings, out_dir: str | Path, progress: bool = Tru
         *(f"damage @{t:g}" for t in ev.attack_radii),
         "violations",
     ]
-    table = "\n".join(
-        ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        + ["| " + " | ".join(r) + " |" for r in rows]
-    )
+    table = markdown_table(head, rows)
     sizes = "-".join(str(v) for v in (train_set.input_dim, *settings.hidden, settings.latent_dim))
     text = (
         f"# The paper's MNIST sweep\n\n{DATA_NOTE}.\n\nSetup: {sizes}"

@@ -212,8 +212,7 @@ class LipLinear(nn.Module):
         """As nn.Module.train; switching to eval also refreshes the eval state (and the Björck
         weight), so that a later torch.compile of the eval forward finds it current."""
         super().train(mode)
-        plain = not (torch.compiler.is_compiling() or _torch_private.functorch_active())
-        if not mode and plain and not self.weight.is_meta:
+        if not mode and _backend.plain_eager() and not self.weight.is_meta:
             scale = self._eval_state()[0]
             if self.method == "bjorck":
                 self._bjorck_cached(scale)
