@@ -1,6 +1,6 @@
 """crvae_ext: Lipschitz layers, fused kernels and certified-robust VAEs for PyTorch."""
 
-from . import functional, ops
+from . import conv_bounds, functional, ops
 from ._backend import backends
 from ._version import __version__
 from .bounds import export, lipschitz_bound, register_bound
@@ -13,13 +13,23 @@ from .certify import (
     design,
     robustness_probability,
 )
-from .modules import GroupSort, L2BallProjection, LipLinear, MaxMin
-from .vae import LipschitzVAE, StandardVAE
+from .modules import (
+    GroupSort,
+    L2BallProjection,
+    LipConv2d,
+    LipConvTranspose2d,
+    LipLinear,
+    MaxMin,
+)
+from .vae import ConvLipschitzVAE, LipschitzVAE, StandardVAE
 
 __all__ = [
     "CertifyResult",
+    "ConvLipschitzVAE",
     "GroupSort",
     "L2BallProjection",
+    "LipConv2d",
+    "LipConvTranspose2d",
     "LipLinear",
     "LipschitzVAE",
     "MaxMin",
@@ -30,6 +40,7 @@ __all__ = [
     "backends",
     "certified_radius",
     "certify",
+    "conv_bounds",
     "design",
     "export",
     "functional",

@@ -58,11 +58,39 @@ def product_norm_bound(left: torch.Tensor, right: torch.Tensor, name: str = "pro
     last Frobenius norm inflated for its own rounding."""
     eps = torch.finfo(torch.float64).eps
     k = left.shape[1]
+    if 2 * k < min(left.shape[0], right.shape[1]):
+        return _low_rank_product_norm_bound(left, right, name)
     gamma = k * eps / 2 / (1 - k * eps / 2)
     magnitude = float(torch.linalg.matrix_norm(left.abs() @ right.abs()))
     summed = 1 + (k + left.shape[0] * right.shape[1] + 2) * eps
     rounding = (gamma + 1.5 * eps) * magnitude * summed
     return (spectral_norm_bound(left @ right, name) + rounding) * (1 + 4 * eps)
+
+
+def _gamma(n: int) -> float:
+    """gamma_n = n u / (1 - n u), u float64's unit roundoff: the inner-product error factor."""
+    u = torch.finfo(torch.float64).eps / 2
+    return n * u / (1 - n * u)
+
+
+def _low_rank_product_norm_bound(left: torch.Tensor, right: torch.Tensor, name: str) -> float:
+    """|L R|_2 for a thin inner dimension k without the m x n product: with L = Q R_L + E
+    (computed QR), |L R|_2 <= |Q|_2 |R_L R|_2 + |E|_F |R|_2, where |Q|_2^2 <= 1 +
+    |fl(Q^T Q) - I|_F + gamma_m |Q|_F^2 and |E|_F <= |fl(L - Q R_L)|_F + gamma_(k+1)
+    || |L| + |Q| |R_L| ||_F (README, "Joint mean path")."""
+    eps = torch.finfo(torch.float64).eps
+    m, k = left.shape
+    q, r_left = torch.linalg.qr(left)
+    up = 1 + (m * k + 4) * eps  # a Frobenius norm's own rounding
+
+    def frob(t: torch.Tensor) -> float:
+        return float(torch.linalg.matrix_norm(t)) * up
+
+    gram_gap = frob(q.T @ q - torch.eye(k, dtype=q.dtype, device=q.device))
+    q_norm = math.sqrt((1 + gram_gap + _gamma(m) * frob(q) ** 2) * up) * up
+    residual = frob(left - q @ r_left) + _gamma(k + 1) * frob(left.abs() + q.abs() @ r_left.abs())
+    main = product_norm_bound(r_left, right, name)
+    return (q_norm * main + residual * up * spectral_norm_bound(right, name)) * (1 + 4 * eps)
 
 
 def linear_map(module: nn.Module) -> torch.Tensor | None:

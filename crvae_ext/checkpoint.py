@@ -14,10 +14,14 @@ from torch import nn
 
 from . import _checks
 from .certify import LipschitzConstants, RobustnessTarget
-from .vae import LipschitzVAE, StandardVAE
+from .vae import ConvLipschitzVAE, LipschitzVAE, StandardVAE
 
 FORMAT = "crvae_ext-checkpoint-1"
-_MODELS = {"LipschitzVAE": LipschitzVAE, "StandardVAE": StandardVAE}
+_MODELS = {
+    "ConvLipschitzVAE": ConvLipschitzVAE,
+    "LipschitzVAE": LipschitzVAE,
+    "StandardVAE": StandardVAE,
+}
 # The backend is a property of the machine that runs a model, not of the model: never saved,
 # and ignored in checkpoints that recorded it.
 _MACHINE_KEYS = ("backend",)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend, _checks, ops
+from . import _backend, _checks, _lip_conv, ops
 
 
 def groupsort(
@@ -92,6 +92,40 @@ def lip_linear(
     u, v = u.detach(), v.detach()
     out = ops.lip_linear_autograd(flat, weight, bias, scale, u, v, lipschitz, name)
     return out.reshape(*x.shape[:-1], out_features)
+
+
+def lip_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    lipschitz: float,
+    spec: _lip_conv.ConvSpec,
+) -> torch.Tensor:
+    """y = A_(scale K) x + b: conv2d, or conv_transpose2d if ``spec.transposed``, of the
+    kernel scaled by ``scale``, which must equal ``lipschitz / <u, A_K v>``: the backward then
+    adds the rank-1 analogue d sigma / dK = the weight gradient of (v, u)."""
+    _checks.float_tensor("x", x)
+    _checks.float_tensor("weight", weight)
+    lipschitz = _checks.positive_finite("lipschitz", lipschitz)
+    if x.dim() not in (3, 4) or weight.dim() != 4:
+        raise ValueError(
+            f"x must be 3-D or 4-D and weight 4-D, got {tuple(x.shape)}, {tuple(weight.shape)}"
+        )
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x has dtype {x.dtype} but weight has dtype {weight.dtype}")
+    if scale.dim() != 0 or scale.requires_grad:
+        raise ValueError("scale must be a 0-d tensor that does not require grad")
+    for name, t in (("weight", weight), ("bias", bias), ("scale", scale), ("u", u), ("v", v)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    batched = x if x.dim() == 4 else x.unsqueeze(0)
+    out = _lip_conv.lip_conv2d(
+        batched, weight, bias, scale, u.detach(), v.detach(), lipschitz, spec
+    )
+    return out if x.dim() == 4 else out.squeeze(0)
 
 
 def check_linear_input(x: torch.Tensor, weight: torch.Tensor) -> None:

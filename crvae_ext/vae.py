@@ -25,8 +25,9 @@ from .certify import (
     design,
 )
 from .likelihoods import LIKELIHOODS, gaussian_kl, log_likelihood
-from .modules import GroupSort, L2BallProjection, LipLinear
+from .modules import GroupSort, L2BallProjection, LipConv2d, LipConvTranspose2d, LipLinear
 
+LIPSCHITZ_LAYERS = (LipLinear, LipConv2d, LipConvTranspose2d)
 _SIGMOID_LIP = 0.25
 _RESCALE_SLACK = 1e-6  # above the float32 rounding of k / sigma_hat
 
@@ -227,53 +228,78 @@ class LipschitzVAE(VAEBase):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        self.input_dim = _checks.integer("input_dim", input_dim, 1)
-        self._latent_dim = _checks.integer("latent_dim", latent_dim, 1)
         hidden = tuple(_checks.integer("hidden", h, 1) for h in hidden)
-        budgets = LipschitzConstants(
-            _checks.positive_finite("lipschitz_decoder", lipschitz_decoder),
-            _checks.positive_finite("lipschitz_mean", lipschitz_mean),
-            _checks.positive_finite("lipschitz_std", lipschitz_std),
-        )
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
         group_size = _checks.integer("group_size", group_size, 1)
         for h in hidden:
             if h % group_size:
                 raise ValueError(f"group_size={group_size} must divide every hidden size {hidden}")
-        sigma_max = _checks.positive_finite("sigma_max", sigma_max)
+        budgets = self._setup(
+            input_dim,
+            latent_dim,
+            (lipschitz_decoder, lipschitz_mean, lipschitz_std),
+            likelihood,
+            observation_std,
+            hidden=list(hidden),
+        )
+        kw = {"group_size": group_size, "method": method, "backend": backend}
+        enc_sizes = (self.input_dim, *hidden, self.latent_dim)
+        self._assemble(
+            lipschitz_mlp(enc_sizes, budgets.b, **kw),
+            lipschitz_mlp(enc_sizes, budgets.c / _SIGMOID_LIP, **kw),
+            lipschitz_mlp(
+                (self.latent_dim, *hidden[::-1], self.input_dim), self._dec_budget(), **kw
+            ),
+            sigma_max,
+        )
+        self.config.update(
+            method=method,
+            group_size=group_size,
+            observation_std=self.observation_std,
+            backend=backend,
+        )
+
+    def _setup(
+        self,
+        input_dim: int,
+        latent_dim: int,
+        budgets: tuple[float, float, float],
+        likelihood: str,
+        observation_std: float,
+        **config: Any,
+    ) -> LipschitzConstants:
+        """Validate and record what every Lipschitz VAE has; ``config`` (the architecture's own
+        arguments) goes into ``self.config`` after the sizes."""
+        self.input_dim = _checks.integer("input_dim", input_dim, 1)
+        self._latent_dim = _checks.integer("latent_dim", latent_dim, 1)
+        names = ("lipschitz_decoder", "lipschitz_mean", "lipschitz_std")
+        budgets = LipschitzConstants(
+            *(_checks.positive_finite(n, b) for n, b in zip(names, budgets, strict=True))
+        )
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
         self.observation_std = _checks.positive_finite("observation_std", observation_std)
         self.likelihood = likelihood
         self.budgets = budgets
-        self.config = {
-            "input_dim": self.input_dim,
-            "latent_dim": self.latent_dim,
-            "hidden": list(hidden),
-            "lipschitz_decoder": budgets.a,
-            "lipschitz_mean": budgets.b,
-            "lipschitz_std": budgets.c,
-            "sigma_max": sigma_max,
-            "likelihood": likelihood,
-            "method": method,
-            "group_size": group_size,
-            "observation_std": self.observation_std,
-            "backend": backend,
-        }
         self.target: RobustnessTarget | None = None
-        kw = {"group_size": group_size, "method": method, "backend": backend}
-        enc_sizes = (self.input_dim, *hidden, self.latent_dim)
-        self.mean_net = lipschitz_mlp(enc_sizes, budgets.b, **kw)
-        self.std_net = nn.Sequential(
-            lipschitz_mlp(enc_sizes, budgets.c / _SIGMOID_LIP, **kw),
-            nn.Sigmoid(),
-            L2BallProjection(sigma_max),
-        )
-        bernoulli = likelihood != "gaussian"
-        dec_budget = budgets.a / _SIGMOID_LIP if bernoulli else budgets.a
-        self.decoder = nn.Sequential(
-            lipschitz_mlp((self.latent_dim, *hidden[::-1], self.input_dim), dec_budget, **kw),
-            nn.Sigmoid() if bernoulli else nn.Identity(),
-        )
+        self.config = {"input_dim": self.input_dim, "latent_dim": self.latent_dim, **config}
+        self.config.update(zip(names, budgets, strict=True), likelihood=likelihood)
+        return budgets
+
+    def _dec_budget(self) -> float:
+        """The decoder body's budget: a, or 4a before the sigmoid of Bernoulli likelihoods."""
+        return self.budgets.a / _SIGMOID_LIP if self.likelihood != "gaussian" else self.budgets.a
+
+    def _assemble(
+        self, mean: nn.Module, std_body: nn.Module, decoder_body: nn.Module, sigma_max: float
+    ) -> None:
+        """The three networks: the std head ends in a sigmoid and the l2-ball projection, the
+        decoder in a sigmoid for Bernoulli-type likelihoods."""
+        sigma_max = _checks.positive_finite("sigma_max", sigma_max)
+        self.config["sigma_max"] = sigma_max
+        self.mean_net = mean
+        self.std_net = nn.Sequential(std_body, nn.Sigmoid(), L2BallProjection(sigma_max))
+        bernoulli = self.likelihood != "gaussian"
+        self.decoder = nn.Sequential(decoder_body, nn.Sigmoid() if bernoulli else nn.Identity())
 
     @classmethod
     def from_target(
@@ -343,7 +369,7 @@ class LipschitzVAE(VAEBase):
         except ValueError:  # e.g. a diverged Björck weight: converging repairs it
             pass
         for module in self.modules():
-            if isinstance(module, LipLinear):
+            if isinstance(module, LIPSCHITZ_LAYERS):
                 module.converge_()
         slack = _RESCALE_SLACK
         for _ in range(8):
@@ -353,13 +379,153 @@ class LipschitzVAE(VAEBase):
             pairs = zip(self._networks(), check.constants, self.budgets, strict=True)
             for net, bound, budget in pairs:
                 if bound > budget * (1 - slack):
-                    last = [m for m in net.modules() if isinstance(m, LipLinear)][-1]
+                    last = [m for m in net.modules() if isinstance(m, LIPSCHITZ_LAYERS)][-1]
                     last.lipschitz = last.lipschitz * budget / bound * (1 - slack)
             slack *= 10
         raise RuntimeError(f"could not enforce the target: {check}")
 
     def _networks(self) -> tuple[nn.Module, nn.Module, nn.Module]:
         return self.decoder, self.mean_net, self.std_net
+
+
+def lipschitz_conv_encoder(
+    image_shape: tuple[int, int, int],
+    channels: Sequence[int],
+    out_features: int,
+    lipschitz: float,
+    group_size: int,
+    backend: str | None = None,
+) -> nn.Sequential:
+    """Flat images -> (4x4, stride 2, padding 1) LipConv2d + GroupSort over channels per entry
+    of ``channels`` (halving H and W) -> LipLinear; each layer gets lipschitz^(1/n)."""
+    per_layer = lipschitz ** (1.0 / (len(channels) + 1))
+    c, h, w = image_shape
+    layers: list[nn.Module] = [nn.Unflatten(1, image_shape)]
+    for ch in channels:
+        layers += [
+            LipConv2d(c, ch, 4, stride=2, padding=1, lipschitz=per_layer, input_size=(h, w)),
+            GroupSort(group_size, dim=1, backend=backend),
+        ]
+        c, h, w = ch, h // 2, w // 2
+    layers += [
+        nn.Flatten(),
+        LipLinear(c * h * w, out_features, lipschitz=per_layer, backend=backend),
+    ]
+    return nn.Sequential(*layers)
+
+
+def lipschitz_conv_decoder(
+    latent_dim: int,
+    image_shape: tuple[int, int, int],
+    channels: Sequence[int],
+    lipschitz: float,
+    group_size: int,
+    backend: str | None = None,
+) -> nn.Sequential:
+    """The encoder's mirror: LipLinear -> GroupSort -> (4x4, stride 2) LipConvTranspose2d per
+    entry of ``channels`` (doubling H and W) -> flat images; each layer gets lipschitz^(1/n)."""
+    per_layer = lipschitz ** (1.0 / (len(channels) + 1))
+    scale = 2 ** len(channels)
+    c, h, w = channels[-1], image_shape[1] // scale, image_shape[2] // scale
+    layers: list[nn.Module] = [
+        LipLinear(latent_dim, c * h * w, lipschitz=per_layer, backend=backend),
+        nn.Unflatten(1, (c, h, w)),
+        GroupSort(group_size, dim=1, backend=backend),
+    ]
+    outs = [*channels[-2::-1], image_shape[0]]
+    for i, ch in enumerate(outs):
+        layers.append(
+            LipConvTranspose2d(
+                c, ch, 4, stride=2, padding=1, lipschitz=per_layer, input_size=(h, w)
+            )
+        )
+        if i < len(outs) - 1:
+            layers.append(GroupSort(group_size, dim=1, backend=backend))
+        c, h, w = ch, 2 * h, 2 * w
+    layers.append(nn.Flatten())
+    return nn.Sequential(*layers)
+
+
+class ConvLipschitzVAE(LipschitzVAE):
+    """A certified VAE with convolutional networks for images: encoder heads of stride-2
+    LipConv2d layers and a LipConvTranspose2d decoder, each bounded by its exact operator
+    norm (``crvae_ext.conv_bounds``). Inputs are flat (batch x C*H*W) or images, as for
+    LipschitzVAE; ``from_target``, ``certify`` and checkpoints work the same way.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        latent_dim: int,
+        channels: Sequence[int] = (32, 64),
+        image_shape: Sequence[int] | None = None,
+        lipschitz_decoder: float = 1.0,
+        lipschitz_mean: float = 1.0,
+        lipschitz_std: float = 1.0,
+        sigma_max: float = 0.1,
+        likelihood: str = "continuous_bernoulli",
+        group_size: int = 2,
+        observation_std: float = 1.0,
+        backend: str | None = None,
+    ) -> None:
+        nn.Module.__init__(self)
+        channels = tuple(_checks.integer("channels", c, 1) for c in channels)
+        if not channels:
+            raise ValueError("channels must name at least one convolution's output channels")
+        group_size = _checks.integer("group_size", group_size, 1)
+        if any(c % group_size for c in channels):
+            raise ValueError(f"group_size={group_size} must divide every channel count {channels}")
+        shape = _image_shape(_checks.integer("input_dim", input_dim, 1), image_shape, channels)
+        budgets = self._setup(
+            input_dim,
+            latent_dim,
+            (lipschitz_decoder, lipschitz_mean, lipschitz_std),
+            likelihood,
+            observation_std,
+            channels=list(channels),
+            image_shape=list(shape),
+        )
+
+        def encoder(budget: float) -> nn.Sequential:
+            return lipschitz_conv_encoder(
+                shape, channels, self.latent_dim, budget, group_size, backend
+            )
+
+        self._assemble(
+            encoder(budgets.b),
+            encoder(budgets.c / _SIGMOID_LIP),
+            lipschitz_conv_decoder(
+                self.latent_dim, shape, channels, self._dec_budget(), group_size, backend
+            ),
+            sigma_max,
+        )
+        self.config.update(
+            group_size=group_size, observation_std=self.observation_std, backend=backend
+        )
+
+
+def _image_shape(
+    input_dim: int, image_shape: Sequence[int] | None, channels: Sequence[int]
+) -> tuple[int, int, int]:
+    """(C, H, W): given, or (1, s, s) for square grey images; H and W must halve
+    len(channels) times exactly."""
+    if image_shape is None:
+        side = math.isqrt(input_dim)
+        if side * side != input_dim:
+            raise ValueError(
+                f"input_dim={input_dim} is not a square image: give image_shape=(C, H, W)"
+            )
+        image_shape = (1, side, side)
+    shape = tuple(_checks.integer("image_shape", d, 1) for d in image_shape)
+    if len(shape) != 3 or math.prod(shape) != input_dim:
+        raise ValueError(f"image_shape must be (C, H, W) with C*H*W = {input_dim}, got {shape}")
+    scale = 2 ** len(channels)
+    if shape[1] % scale or shape[2] % scale:
+        raise ValueError(
+            f"image_shape {shape}: H and W must be divisible by 2^{len(channels)} = {scale} "
+            f"(one stride-2 convolution per entry of channels={tuple(channels)})"
+        )
+    return shape  # type: ignore[return-value]
 
 
 def plain_mlp(sizes: Sequence[int]) -> nn.Sequential:

@@ -25,7 +25,8 @@ def test_demo_fast_reports_zero_violations(tmp_path, capsys, monkeypatch):
         return check
 
     monkeypatch.setattr(LipschitzVAE, "enforce_target", enforce_and_shrink)
-    assert cli.main(["demo", "--fast", "--out", str(tmp_path), "--no-progress"]) == 0
+    argv = ["demo", "--fast", "--arch", "conv", "--out", str(tmp_path), "--no-progress"]
+    assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "violations (certified radius above the empirical margin): 0" in out
     assert "5,000-image MNIST" in out
@@ -33,6 +34,10 @@ def test_demo_fast_reports_zero_violations(tmp_path, capsys, monkeypatch):
     assert {m["violations"] for m in report["models"].values()} == {0}
     lip = report["models"]["Lipschitz VAE"]
     assert lip["a_priori_radius"] >= 0.1 and lip["certified_fast_median"] >= lip["a_priori_radius"]
+    conv = report["models"]["conv Lipschitz VAE"]  # --arch conv: the conv VAE, same target
+    assert conv["a_priori_radius"] >= 0.1
+    assert conv["certified_fast_median"] >= conv["a_priori_radius"]
+    assert "| conv Lipschitz VAE |" in out
     for name in ("reconstructions", "robustness_vs_attack", "certified_vs_margin"):
         png = tmp_path / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -41,7 +46,10 @@ def test_demo_fast_reports_zero_violations(tmp_path, capsys, monkeypatch):
     assert list(saved.lipschitz_constants()) == lip["constants"]
     assert a_priori_radius(saved, 8.0, 0.5) == lip["a_priori_radius"]
     assert saved.verify_target().met
-    for name in ("lipschitz", "standard"):
+    conv_saved = load_checkpoint(tmp_path / "conv.pt").model
+    assert list(conv_saved.lipschitz_constants()) == conv["constants"]
+    assert conv_saved.verify_target().met
+    for name in ("lipschitz", "conv", "standard"):
         out = tmp_path / f"{name}_3.pt"
         argv = ["train", "--resume", str(tmp_path / f"{name}.pt"), "--epochs", "3", "--out",
                 str(out), "--no-progress"]  # fmt: skip

@@ -74,7 +74,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     out = output_dir(args.out, "--out")
     settings = fast_settings() if args.fast else DemoSettings()
-    settings = dataclasses.replace(settings, seed=args.seed)
+    settings = dataclasses.replace(settings, seed=args.seed, arch=args.arch)
     report = run_demo(settings, out, progress=not args.no_progress)
     return 0 if report.violations == 0 and report.target_met else 1
 
@@ -89,7 +89,9 @@ _MODEL_FLAGS = {
     "lipschitz": None,
     "sigma_max": 0.1,
     "latent": 10,
+    "arch": "mlp",
     "hidden": [512, 512],
+    "channels": [32, 64],
     "method": "spectral",
 }
 _TRAIN_FLAGS = {"batch_size": 128, "lr": 1e-3, "beta": 1.0, "seed": 0}
@@ -102,22 +104,38 @@ def _flag(dest: str) -> str:
 def _train_model(args: argparse.Namespace, input_dim: int):
     """A new model from the flags (their defaults filled in)."""
     from ..certify import RobustnessTarget
-    from ..vae import LipschitzVAE, StandardVAE
+    from ..vae import ConvLipschitzVAE, LipschitzVAE, StandardVAE
 
+    conv = args.arch == "conv"
+    wrong = ["--hidden"] * (conv and args.hidden is not None) + ["--channels"] * (
+        not conv and args.channels is not None
+    )
+    if conv and args.model == "standard":
+        wrong.append("--model standard")
+    if conv and args.method not in (None, "spectral"):
+        wrong.append(f"--method {args.method}")
+    if wrong:
+        raise ValueError(
+            f"{', '.join(wrong)} cannot be combined with --arch {args.arch or 'mlp'} (--hidden "
+            "and --method shape the MLP, --channels the conv Lipschitz VAE; the standard VAE is "
+            "an MLP)"
+        )
     for dest, default in _MODEL_FLAGS.items():
         if getattr(args, dest) is None:
             setattr(args, dest, default)
     hidden = tuple(args.hidden)
     if args.model == "standard":
         return StandardVAE(input_dim, args.latent, hidden=hidden)
+    cls = ConvLipschitzVAE if conv else LipschitzVAE
+    shape = (
+        {"channels": tuple(args.channels)} if conv else {"hidden": hidden, "method": args.method}
+    )
     if args.lipschitz:
         a, b, c = args.lipschitz
-        return LipschitzVAE(input_dim, args.latent, hidden=hidden, lipschitz_decoder=a,
-                            lipschitz_mean=b, lipschitz_std=c, sigma_max=args.sigma_max,
-                            method=args.method)  # fmt: skip
+        return cls(input_dim, args.latent, lipschitz_decoder=a, lipschitz_mean=b,
+                   lipschitz_std=c, sigma_max=args.sigma_max, **shape)  # fmt: skip
     target = RobustnessTarget(args.target_radius, args.r, args.p)
-    return LipschitzVAE.from_target(input_dim, args.latent, target, sigma_max=args.sigma_max,
-                                    hidden=hidden, method=args.method)  # fmt: skip
+    return cls.from_target(input_dim, args.latent, target, sigma_max=args.sigma_max, **shape)
 
 
 def _resumed_model(args: argparse.Namespace):
@@ -383,7 +401,11 @@ def _train_args(tr: argparse.ArgumentParser) -> None:
                        help="explicit budgets instead of --target-radius")  # fmt: skip
     model.add_argument("--sigma-max", type=_positive_float, help="default 0.1")
     model.add_argument("--latent", type=_positive_int, help="default 10")
+    model.add_argument("--arch", choices=("mlp", "conv"),
+                       help="the Lipschitz VAE's networks (default mlp)")  # fmt: skip
     model.add_argument("--hidden", type=_positive_int, nargs="+", help="default 512 512")
+    model.add_argument("--channels", type=_positive_int, nargs="+",
+                       help="channels per stride-2 conv (--arch conv; default 32 64)")  # fmt: skip
     model.add_argument("--method", choices=("spectral", "bjorck"), help="default spectral")
     run = tr.add_argument_group("training (the checkpoint's with --resume, unless given)")
     run.add_argument("--epochs", type=_positive_int, default=30, help="total epochs (default 30)")
@@ -415,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = command("demo", _demo, "Lipschitz vs standard VAE on the bundled MNIST")
     demo.add_argument("--fast", action="store_true", help="small networks, a minute or less")
+    demo.add_argument("--arch", choices=("mlp", "conv"), default="mlp",
+                      help="conv: also train and report the conv Lipschitz VAE")  # fmt: skip
     demo.add_argument("--out", type=Path, default=Path("crvae_out/demo"))
     demo.add_argument("--seed", type=_nonnegative_int, default=0)
     demo.add_argument("--no-progress", action="store_true")
