@@ -103,6 +103,63 @@ def liplinear_groups(
     return groups
 
 
+def _conv(kind: str, channels: int, size: int, device) -> nn.Module | None:
+    """A 3x3, stride-1, padding-1 convolution of each kind (None: the peer is not installed)."""
+    args = (channels, channels, 3)
+    if kind == "conv2d":
+        return nn.Conv2d(*args, padding=1, device=device)
+    if kind == "lipconv2d":
+        return crvae_ext.LipConv2d(*args, padding=1, input_size=size, device=device)
+    if kind == "torch_spectral_norm_conv":
+        return spectral_norm(nn.Conv2d(*args, padding=1, device=device))
+    if kind == "deel_spectral_conv2d":
+        if importlib.util.find_spec("deel") is None:
+            return None
+        from deel.torchlip import SpectralConv2d
+
+        return SpectralConv2d(*args, padding=1).to(device)
+    if kind == "orthogonium_ortho_conv2d":
+        if importlib.util.find_spec("orthogonium") is None:
+            return None
+        from orthogonium.layers import AdaptiveOrthoConv2d
+
+        return AdaptiveOrthoConv2d(*args, padding=1, padding_mode="zeros").to(device)
+    raise ValueError(kind)
+
+
+CONV_KINDS = (
+    "conv2d",
+    "lipconv2d",
+    "torch_spectral_norm_conv",
+    "deel_spectral_conv2d",
+    "orthogonium_ortho_conv2d",
+)
+
+
+def lip_conv_group(batch: int, channels: int, size: int, device) -> Group:
+    """Train step (fwd + bwd + SGD) of LipConv2d vs nn.Conv2d and the peers, as a hidden
+    layer trains (x requires grad), 3x3 stride 1, fp32."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, channels, size, size, device=device, requires_grad=True)
+    grad = torch.randn_like(x)
+    cases, forwards = {}, {}
+    for kind in CONV_KINDS:
+        layer = _conv(kind, channels, size, device)
+        if layer is None:
+            continue
+        opt = torch.optim.SGD(layer.parameters(), lr=1e-6)
+        forwards[kind] = lambda layer=layer: layer(x)
+
+        def step(layer=layer, opt=opt) -> None:
+            opt.zero_grad(set_to_none=True)
+            layer(x).backward(grad)
+            opt.step()
+
+        cases[kind] = step
+    title = f"lip_conv2d train B={batch} {channels}->{channels} {size}x{size} 3x3 fp32"
+    return Group(title, "conv2d", cases, forwards, rounds=10)
+
+
 def groupsort_group(rows: int, cols: int, device, dtype=torch.float32, group_size=2) -> Group:
     """GroupSort fwd + bwd per backend vs the torch.sort way vs ReLU (same bytes as ReLU)."""
     torch.manual_seed(0)

@@ -60,6 +60,7 @@ def groups(device: torch.device, full: bool, only: list[str] | None = None) -> I
         plan += [
             ("power_iteration", C.power_iteration_group, (n, device, dtype)) for n in (1024, 4096)
         ]
+    plan.append(("lip_conv2d", C.lip_conv_group, (128, 64, 32, device)))
     plan.append(("vae_step", C.vae_step_group, (128, device)))
     plan.append(("certify", C.certify_group, (1024, device)))
     plan.append(("certify tight", C.certify_tight_group, (128, device)))

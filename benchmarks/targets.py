@@ -71,6 +71,7 @@ TARGETS = (
         )
         for n in (1024, 4096)
     ),
+    Target("lip_conv2d_vs_conv2d", "cpu", "lip_conv2d train B=128 64->64 32x32", "lipconv2d", 1.15),
     Target(
         "certify_vs_encode", "cpu", "certify 1024 inputs in batches of 128", "certify_fast", 1.5
     ),
@@ -81,6 +82,9 @@ TARGETS = (
         "certify_tight",
         20.0,
         throughput=True,
+    ),
+    Target(
+        "lip_conv2d_vs_conv2d", "cuda", "lip_conv2d train B=128 64->64 32x32", "lipconv2d", 1.15
     ),
     _liplinear("liplinear_vs_linear", "cuda", "triton", "fp32", 1.05),
     _liplinear("liplinear_vs_linear", "cuda", "triton", "bf16", 1.05),

@@ -75,13 +75,7 @@ def lip_linear(
     out_features, in_features = weight.shape
     if bias is not None and bias.shape != (out_features,):
         raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
-    for name, t in (("scale", scale), ("u", u), ("v", v)):
-        _checks.float_tensor(name, t)
-    if scale.dim() != 0 or scale.requires_grad:
-        raise ValueError("scale must be a 0-d tensor that does not require grad")
-    for name, t in (("weight", weight), ("bias", bias), ("scale", scale), ("u", u), ("v", v)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    _check_scaled(x, weight, bias, scale, u, v)
     if u.shape != (out_features,) or v.shape != (in_features,):
         raise ValueError(
             f"u, v must have shapes ({out_features},), ({in_features},); "
@@ -116,16 +110,24 @@ def lip_conv2d(
         )
     if x.dtype != weight.dtype:
         raise TypeError(f"x has dtype {x.dtype} but weight has dtype {weight.dtype}")
-    if scale.dim() != 0 or scale.requires_grad:
-        raise ValueError("scale must be a 0-d tensor that does not require grad")
-    for name, t in (("weight", weight), ("bias", bias), ("scale", scale), ("u", u), ("v", v)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    _check_scaled(x, weight, bias, scale, u, v)
     batched = x if x.dim() == 4 else x.unsqueeze(0)
     out = _lip_conv.lip_conv2d(
         batched, weight, bias, scale, u.detach(), v.detach(), lipschitz, spec
     )
     return out if x.dim() == 4 else out.squeeze(0)
+
+
+def _check_scaled(x, weight, bias, scale, u, v) -> None:
+    """The scaled layers' shared arguments: float (u, v, scale), a constant 0-d scale, and every
+    tensor on x's device."""
+    for name, t in (("scale", scale), ("u", u), ("v", v)):
+        _checks.float_tensor(name, t)
+    if scale.dim() != 0 or scale.requires_grad:
+        raise ValueError("scale must be a 0-d tensor that does not require grad")
+    for name, t in (("weight", weight), ("bias", bias), ("scale", scale), ("u", u), ("v", v)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
 
 def check_linear_input(x: torch.Tensor, weight: torch.Tensor) -> None:

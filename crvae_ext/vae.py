@@ -64,6 +64,14 @@ def _joint_mean_bound(vae: VAEBase, a: float, b: float) -> float:
     return min(b, joint / a * (1 + 16 * torch.finfo(torch.float64).eps))
 
 
+def _group_size(group_size: int, sizes: tuple[int, ...], what: str) -> int:
+    """``group_size`` if it is an integer >= 1 that divides every one of ``sizes``."""
+    group_size = _checks.integer("group_size", group_size, 1)
+    if any(n % group_size for n in sizes):
+        raise ValueError(f"group_size={group_size} must divide every {what} {sizes}")
+    return group_size
+
+
 def lipschitz_mlp(
     sizes: Sequence[int], lipschitz: float, group_size: int, **layer_kwargs: Any
 ) -> nn.Sequential:
@@ -229,10 +237,7 @@ class LipschitzVAE(VAEBase):
     ) -> None:
         super().__init__()
         hidden = tuple(_checks.integer("hidden", h, 1) for h in hidden)
-        group_size = _checks.integer("group_size", group_size, 1)
-        for h in hidden:
-            if h % group_size:
-                raise ValueError(f"group_size={group_size} must divide every hidden size {hidden}")
+        group_size = _group_size(group_size, hidden, "hidden size")
         budgets = self._setup(
             input_dim,
             latent_dim,
@@ -472,9 +477,7 @@ class ConvLipschitzVAE(LipschitzVAE):
         channels = tuple(_checks.integer("channels", c, 1) for c in channels)
         if not channels:
             raise ValueError("channels must name at least one convolution's output channels")
-        group_size = _checks.integer("group_size", group_size, 1)
-        if any(c % group_size for c in channels):
-            raise ValueError(f"group_size={group_size} must divide every channel count {channels}")
+        group_size = _group_size(group_size, channels, "channel count")
         shape = _image_shape(_checks.integer("input_dim", input_dim, 1), image_shape, channels)
         budgets = self._setup(
             input_dim,

@@ -205,3 +205,42 @@ def test_certify_a_whole_split_with_two_processes_matches_one(tmp_path, capsys):
         rows = list(csv.DictReader(handle))
     assert [float(r["radius"]) for r in rows] == a["radius"]
     assert [int(r["index"]) for r in rows] == list(range(359))
+
+
+def test_train_and_certify_a_conv_vae(tmp_path, capsys):
+    from crvae_ext import ConvLipschitzVAE
+    from crvae_ext.checkpoint import load_checkpoint
+
+    ckpt = tmp_path / "conv.pt"
+    argv = ["train", "--data", "digits", "--arch", "conv", "--channels", 4, 8, "--latent", 3,
+            "--batch-size", 64, "--epochs", 1, "--out", ckpt, "--no-progress"]  # fmt: skip
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    assert "(met)" in out
+    saved = load_checkpoint(ckpt)
+    assert type(saved.model) is ConvLipschitzVAE and saved.model.verify_target().met
+    code, out, err = _run(["certify", ckpt, "--data", "digits", "--n", 32, "--no-progress"],
+                          capsys)  # fmt: skip
+    assert code == 0, err
+    resumed = tmp_path / "conv2.pt"
+    argv = ["train", "--data", "digits", "--resume", ckpt, "--epochs", 2, "--out", resumed,
+            "--no-progress"]  # fmt: skip
+    assert _run(argv, capsys)[0] == 0
+    assert load_checkpoint(resumed).epoch == 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--arch", "conv", "--hidden", "16"], "--hidden cannot be combined with --arch conv"),
+        (["--channels", "4", "8"], "--channels cannot be combined with --arch mlp"),
+        (["--arch", "conv", "--model", "standard"], "--model standard cannot be combined"),
+        (["--arch", "conv", "--method", "bjorck"], "--method bjorck cannot be combined"),
+        (["--arch", "conv", "--channels", "3", "8"], "group_size=2 must divide"),
+    ],
+)
+def test_conv_flags_are_checked(extra, needle, tmp_path, capsys):
+    argv = ["train", "--data", "digits", "--epochs", 1, "--out", tmp_path / "m.pt", *extra]
+    code, _, err = _run(argv, capsys)
+    _assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "m.pt").exists()

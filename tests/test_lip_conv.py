@@ -324,3 +324,28 @@ def test_groupsort_over_channels_nchw(backend, group_size):
     )
     channels_last = x.detach().to(memory_format=torch.channels_last)
     assert torch.equal(GroupSort(group_size, dim=1, backend=backend)(channels_last), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("cls", "kwargs", "size"), LAYERS, ids=LAYER_IDS)
+def test_cuda_layer_matches_the_cpu_layer(cls, kwargs, size):
+    """The same layer on CUDA (cuDNN's convolutions): outputs, gradients and bound as on CPU."""
+    cpu = cls(3, 4, lipschitz=1.3, input_size=size, dtype=F64, **kwargs)
+    gpu = cls(3, 4, lipschitz=1.3, input_size=size, dtype=F64, **kwargs)
+    gpu.load_state_dict(cpu.state_dict())
+    gpu.cuda()
+    x = torch.randn(5, 3, *size, dtype=F64)
+    for layer in (cpu, gpu):
+        layer.train()
+    y_cpu = cpu(x.requires_grad_(True))
+    x_gpu = x.detach().cuda().requires_grad_(True)
+    y_gpu = gpu(x_gpu)
+    assert torch.allclose(y_gpu.cpu(), y_cpu, rtol=1e-10, atol=1e-12)
+    grad = torch.randn_like(y_cpu)
+    g_cpu = torch.autograd.grad(y_cpu, (x, cpu.weight), grad)
+    g_gpu = torch.autograd.grad(y_gpu, (x_gpu, gpu.weight), grad.cuda())
+    for a, b in zip(g_cpu, g_gpu, strict=True):
+        assert torch.allclose(b.cpu(), a, rtol=1e-9, atol=1e-11)
+    gpu.eval()
+    true = norm(dense(layer_map(gpu.to_plain().cpu()), (3, *size)))
+    assert abs(true - 1.3) <= 0.013 and true <= gpu.lipschitz_bound()

@@ -16,14 +16,14 @@ from torch import nn
 
 from .. import _checks, _lip_conv, _state, _torch_private, conv_bounds
 from .. import functional as F
-from .lip_linear import _check_representable, _refresh
+from ._scaled import ScaledToK, _refresh
 
 _SIGMA_FLOOR = 1e-12
 _LANCZOS_STEPS = 32
 _MAX_RESTARTS = 50
 
 
-class _LipConv(nn.Module):
+class _LipConv(ScaledToK):
     """Shared behaviour; subclasses set ``transposed`` and the weight layout."""
 
     transposed = False
@@ -83,17 +83,6 @@ class _LipConv(nn.Module):
         self.reset_parameters()
         if input_size is not None:
             self.set_input_size(input_size)
-
-    @property
-    def lipschitz(self) -> float:
-        """The operator norm k the layer is normalised to (saved in the state dict)."""
-        return self._lipschitz
-
-    @lipschitz.setter
-    def lipschitz(self, value: float) -> None:
-        value = _checks.positive_finite("lipschitz", value)
-        _check_representable(value, self.weight.dtype)
-        self._lipschitz = value
 
     @property
     def input_size(self) -> tuple[int, int] | None:
@@ -314,10 +303,13 @@ class _LipConv(nn.Module):
             )
             return (main + gap) * (1 + 4 * torch.finfo(torch.float64).eps)
 
-    def _apply(self, fn, recurse: bool = True):
-        target = fn(self.weight.detach().new_empty(0)).dtype
-        _check_representable(self._lipschitz, target)
-        return super()._apply(fn, recurse)
+    @torch.no_grad()
+    def _filled(self, plain: nn.Module, kernel: torch.Tensor) -> nn.Module:
+        """``plain`` (the torch layer of the same geometry) holding ``kernel`` and the bias."""
+        plain.weight.copy_(kernel)
+        if self.bias is not None:
+            plain.bias.copy_(self.bias)
+        return plain
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"lipschitz": self._lipschitz}
@@ -336,7 +328,8 @@ class _LipConv(nn.Module):
                     self.geometry.check_input_size(
                         self._bounded_size(tuple(state_dict[prefix + "v"].shape[2:]))
                     )
-                setattr(self, name, torch.empty_like(saved, device=self.weight.device))
+                factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+                setattr(self, name, torch.empty(saved.shape, **factory))
         self._cache = None
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -379,10 +372,7 @@ class LipConv2d(_LipConv):
             bias=self.bias is not None, padding_mode=g.padding_mode, device=w.device,
             dtype=w.dtype,
         )  # fmt: skip
-        conv.weight.copy_(w)
-        if self.bias is not None:
-            conv.bias.copy_(self.bias)
-        return conv
+        return self._filled(conv, w)
 
     to_plain = to_conv
 
@@ -404,9 +394,6 @@ class LipConvTranspose2d(_LipConv):
             self.output_padding, bias=self.bias is not None, dilation=g.dilation,
             device=w.device, dtype=w.dtype,
         )  # fmt: skip
-        conv.weight.copy_(w)
-        if self.bias is not None:
-            conv.bias.copy_(self.bias)
-        return conv
+        return self._filled(conv, w)
 
     to_plain = to_conv_transpose

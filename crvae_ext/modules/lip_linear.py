@@ -10,6 +10,7 @@ from torch import nn
 
 from .. import _backend, _checks, _state, _torch_private, bounds
 from .. import functional as F
+from ._scaled import ScaledToK, _refresh
 
 METHODS = ("spectral", "bjorck")
 _SIGMA_FLOOR = 1e-12
@@ -20,7 +21,7 @@ _CHECK_EVERY = 10
 _MAX_STEPS = 2000
 
 
-class LipLinear(nn.Module):
+class LipLinear(ScaledToK):
     """y = W_eff x + b with |W_eff|_2 = ``lipschitz`` (k), for any k > 0.
 
     method="spectral": W_eff = (k / sigma_hat) W, sigma_hat from a persistent power iteration
@@ -67,17 +68,6 @@ class LipLinear(nn.Module):
         self._cache: tuple | None = None
         self._bjorck_cache: tuple | None = None
         self.reset_parameters()
-
-    @property
-    def lipschitz(self) -> float:
-        """The Lipschitz constant k the layer is normalised to (saved in the state dict)."""
-        return self._lipschitz
-
-    @lipschitz.setter
-    def lipschitz(self, value: float) -> None:
-        value = _checks.positive_finite("lipschitz", value)
-        _check_representable(value, self.weight.dtype)
-        self._lipschitz = value
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, lipschitz: float = 1.0, **kwargs: Any) -> LipLinear:
@@ -316,12 +306,6 @@ class LipLinear(nn.Module):
 
     to_plain = to_linear
 
-    def _apply(self, fn, recurse: bool = True):
-        """Refuse a dtype the constant k cannot be represented in, before converting."""
-        target = fn(self.weight.detach().new_empty(0)).dtype
-        _check_representable(self._lipschitz, target)
-        return super()._apply(fn, recurse)
-
     def get_extra_state(self) -> dict[str, Any]:
         return {
             "lipschitz": self._lipschitz,
@@ -356,32 +340,4 @@ class LipLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, lipschitz={self._lipschitz:g}, method={self.method!r}"
-        )
-
-
-def _refresh(cached: tuple | None, fresh: tuple) -> tuple:
-    """``fresh`` copied into the cached tensors in place where they fit (same shape, dtype and
-    device), else the fresh tensors themselves."""
-    old = cached[1:] if cached is not None else ()
-    fits = len(old) == len(fresh) and all(
-        (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device)
-        for a, b in zip(old, fresh, strict=True)
-    )
-    if not fits:
-        return tuple(t.detach().clone() for t in fresh)
-    with torch.no_grad(), torch.inference_mode(False):
-        for a, b in zip(old, fresh, strict=True):
-            if not torch.equal(a, b):  # an unchanged state bumps no version
-                a.copy_(b)
-    return old
-
-
-def _check_representable(k: float, dtype: torch.dtype) -> None:
-    """k must be a normal number of ``dtype``: beyond its range the output is inf or 0."""
-    info = torch.finfo(dtype)
-    if not info.tiny <= k <= info.max:
-        raise ValueError(
-            f"lipschitz={k:g} cannot be represented in {str(dtype).removeprefix('torch.')} "
-            f"(normal numbers {info.tiny:.3g} .. {info.max:.3g}): choose k in that range "
-            "or a wider dtype"
         )

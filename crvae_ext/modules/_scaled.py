@@ -1,0 +1,61 @@
+"""What every layer normalised to a chosen Lipschitz constant k shares."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import _checks
+
+
+class ScaledToK(nn.Module):
+    """A module with a ``weight`` scaled to the constant ``lipschitz`` (k), which must stay a
+    normal number of the weight's dtype (beyond its range the output is inf or 0)."""
+
+    weight: torch.Tensor
+    _lipschitz: float
+
+    @property
+    def lipschitz(self) -> float:
+        """The constant k the layer is normalised to (saved in the state dict)."""
+        return self._lipschitz
+
+    @lipschitz.setter
+    def lipschitz(self, value: float) -> None:
+        value = _checks.positive_finite("lipschitz", value)
+        _check_representable(value, self.weight.dtype)
+        self._lipschitz = value
+
+    def _apply(self, fn, recurse: bool = True):
+        """Refuse a dtype the constant k cannot be represented in, before converting."""
+        target = fn(self.weight.detach().new_empty(0)).dtype
+        _check_representable(self._lipschitz, target)
+        return super()._apply(fn, recurse)
+
+
+def _refresh(cached: tuple | None, fresh: tuple) -> tuple:
+    """``fresh`` copied into the cached tensors in place where they fit (same shape, dtype and
+    device), else the fresh tensors themselves."""
+    old = cached[1:] if cached is not None else ()
+    fits = len(old) == len(fresh) and all(
+        (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device)
+        for a, b in zip(old, fresh, strict=True)
+    )
+    if not fits:
+        return tuple(t.detach().clone() for t in fresh)
+    with torch.no_grad(), torch.inference_mode(False):
+        for a, b in zip(old, fresh, strict=True):
+            if not torch.equal(a, b):  # an unchanged state bumps no version
+                a.copy_(b)
+    return old
+
+
+def _check_representable(k: float, dtype: torch.dtype) -> None:
+    """k must be a normal number of ``dtype``: beyond its range the output is inf or 0."""
+    info = torch.finfo(dtype)
+    if not info.tiny <= k <= info.max:
+        raise ValueError(
+            f"lipschitz={k:g} cannot be represented in {str(dtype).removeprefix('torch.')} "
+            f"(normal numbers {info.tiny:.3g} .. {info.max:.3g}): choose k in that range "
+            "or a wider dtype"
+        )
