@@ -277,6 +277,7 @@ def test_conv_vae_shapes_and_constants_are_sound():
     assert 2.0 * 0.999 <= a <= 2.0 * 1.6 and 1.5 * 0.999 <= b <= 1.5 * 1.6
     assert lipschitz_ascent(vae.mean_net, 64, steps=200) <= b
     assert lipschitz_ascent(vae.decoder, 3, steps=200) <= a
+    assert lipschitz_ascent(vae.std_net, 64, steps=200) <= c
 
 
 def test_conv_vae_from_target_checkpoint_and_certify(tmp_path):
