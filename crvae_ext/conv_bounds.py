@@ -95,6 +95,17 @@ class ConvGeometry:
                 f"input_size={size} is too small for kernel_size={self.kernel_size}, "
                 f"dilation={self.dilation}, padding={self.padding}: the output would be empty"
             )
+        for n, k, s, p, d, o in zip(
+            size, self.kernel_size, self.stride, self.padding, self.dilation, out, strict=True
+        ):
+            if self.padding_mode == "zeros" and not any(
+                0 <= s * i + j * d - p < n for i in range(o) for j in range(k)
+            ):
+                raise ValueError(
+                    f"input_size={size}: every tap of every output reads the zero padding "
+                    f"(kernel_size={self.kernel_size}, stride={self.stride}, padding="
+                    f"{self.padding}, dilation={self.dilation}); the convolution is zero"
+                )
         if self.padding_mode == "circular":
             for n, p, s, o in zip(size, self.padding, self.stride, out, strict=True):
                 if p > n:
@@ -169,23 +180,27 @@ def phase_kernel(kernel: torch.Tensor, geometry: ConvGeometry, input_size: tuple
 
 def _twiddles(length: int, grid: int, half: bool) -> torch.Tensor:
     """exp(-2 pi i f t / N) for t < ``length`` and every frequency f (f <= N / 2 if ``half``:
-    a real kernel's A(-f) is the conjugate of A(f), with the same singular values)."""
-    freqs = torch.arange(grid // 2 + 1 if half else grid, dtype=_F64)
-    angle = (-2 * math.pi / grid) * torch.outer(freqs, torch.arange(length, dtype=_F64))
+    a real kernel's A(-f) is the conjugate of A(f), with the same singular values). The phase
+    f t is reduced modulo N in integers first, to r in [-N/2, N/2]: the angle 2 pi r / N then
+    has |angle| <= pi and an error below 3u pi, so each twiddle is within 17u (README)."""
+    freqs = torch.arange(grid // 2 + 1 if half else grid, dtype=torch.int64)
+    phase = torch.outer(freqs, torch.arange(length, dtype=torch.int64)) % grid
+    phase = torch.where(2 * phase > grid, phase - grid, phase)
+    angle = (-2 * math.pi / grid) * phase.to(_F64)
     return torch.polar(torch.ones_like(angle), angle)
 
 
 def frequency_matrices(phased: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, float]:
     """(A, err): A(f) for every frequency (F x c_out x c_in', complex128) and a bound on
     max_f |fl(A(f)) - A(f)|_F. Each entry is a sum of L_h L_w terms K w_h w_w, computed in two
-    passes: |error| <= gamma_n sum_t |K'_t| entrywise with n = 2 (L_h + L_w) + 16, which covers
-    the twiddles' own rounding (<= 2u each), the complex products and both sums."""
+    passes: |error| <= gamma_n sum_t |K'_t| entrywise with n = 2 (L_h + L_w) + 64, which covers
+    the twiddles' own error (<= 17u each, two passes), the complex products and both sums."""
     length_h, length_w = phased.shape[-2:]
     t_h = _twiddles(length_h, grid[0], half=False)
     t_w = _twiddles(length_w, grid[1], half=True)
     a = torch.einsum("oiht,gt->oihg", phased.to(torch.complex128), t_w)
     a = torch.einsum("oihg,fh->fgoi", a, t_h).flatten(0, 1)
-    n = 2 * (length_h + length_w) + 16
+    n = 2 * (length_h + length_w) + 64
     gamma = n * _U / (1 - n * _U)
     magnitude = float(_norm(phased.abs().sum((-2, -1))))
     return a, gamma * magnitude * (1 + (phased[0, 0].numel() + phased.shape[0] * 4) * _EPS)
@@ -255,10 +270,19 @@ def conv_operator_bound(
         raise ValueError(f"method must be one of {BOUND_METHODS}, got {method!r}")
     _checks.finite_tensor("kernel", kernel)
     size = geometry.check_input_size(input_size)
-    phased, grid = phase_kernel(kernel, geometry, size)
+    # exact power-of-two scaling into the normal range: the error model needs no underflow
+    k64 = kernel.detach().to("cpu", _F64)
+    exponent = int(torch.frexp(k64.abs().max()).exponent) if k64.numel() else 0
+    scaled = torch.ldexp(k64, torch.tensor(-exponent))
+    phased, grid = phase_kernel(scaled, geometry, size)
     a, err = frequency_matrices(phased, grid)
+    err += phased.numel() * 2.0**-1074  # entries the scaling may have left subnormal
     main = _svd_bound(a) if method == "svd" else gram_bound(a, gram_iterations)
-    return (main + err) * (1 + 4 * _EPS)
+    value = (main + err) * (1 + 4 * _EPS)
+    bound = math.ldexp(value, exponent)
+    if math.ldexp(bound, -exponent) < value:  # a subnormal result rounded down: round up
+        bound = math.nextafter(bound, math.inf)
+    return bound
 
 
 def kernel_difference_bound(difference: torch.Tensor) -> float:

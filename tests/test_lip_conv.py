@@ -4,6 +4,8 @@ The oracle of every norm is the operator materialised from torch's own conv2d /
 conv_transpose2d on the identity basis (exact in float64) and its LAPACK SVD.
 """
 
+import math
+
 import pytest
 import torch
 from helpers import needs_cpp, needs_interpreter
@@ -349,3 +351,46 @@ def test_cuda_layer_matches_the_cpu_layer(cls, kwargs, size):
     gpu.eval()
     true = norm(dense(layer_map(gpu.to_plain().cpu()), (3, *size)))
     assert abs(true - 1.3) <= 0.013 and true <= gpu.lipschitz_bound()
+
+
+def test_frequency_matrices_error_bound_holds_for_long_kernels():
+    """The computed A(f) against A(f) in 40-digit arithmetic (mpmath), for a dilated kernel
+    whose phases f t run far past N: the returned bound covers the difference."""
+    mpmath = pytest.importorskip("mpmath")
+    from crvae_ext.conv_bounds import frequency_matrices, phase_kernel
+
+    mpmath.mp.dps = 40
+    g = ConvGeometry.of(3, 1, 20, 20)
+    kernel = torch.zeros(1, 1, 3, 3, dtype=F64)
+    kernel[0, 0, 2, 2] = 1.0  # one far tap: A(f) is a twiddle, its error the twiddle's own
+    phased, grid = phase_kernel(kernel, g, (40, 40))
+    a, err = frequency_matrices(phased, grid)
+    taps = [(h, w, float(phased[0, 0, h, w])) for h in range(phased.shape[2])
+            for w in range(phased.shape[3]) if phased[0, 0, h, w] != 0]  # fmt: skip
+    worst = 0.0
+    for index in range(a.shape[0]):
+        fh, fw = divmod(index, grid[1] // 2 + 1)
+        exact = mpmath.mpc(0)
+        for h, w, value in taps:
+            turns = mpmath.mpf(fh * h) / grid[0] + mpmath.mpf(fw * w) / grid[1]
+            exact += value * mpmath.expj(-2 * mpmath.pi * turns)
+        got = a[index, 0, 0]
+        worst = max(worst, float(abs(mpmath.mpc(got.real.item(), got.imag.item()) - exact)))
+    assert worst <= err
+
+
+def test_bound_holds_for_subnormal_kernels():
+    """Scaled into the normal range first: a kernel of subnormal entries is bounded as the same
+    kernel scaled up by an exact power of two."""
+    torch.manual_seed(1)
+    g = ConvGeometry.of((1, 5), 1, (0, 2), 1, "circular")
+    for trial in range(150):
+        exponent = -1034 + trial % 12
+        tiny = torch.ldexp(torch.randn(1, 1, 1, 5, dtype=F64), torch.tensor(exponent))
+        exact = norm(dense(conv_map(torch.ldexp(tiny, torch.tensor(-exponent)), g), (1, 1, 7)))
+        assert math.ldexp(conv_operator_bound(tiny, (1, 7), g), -exponent) >= exact
+
+
+def test_a_zero_operator_is_refused():
+    with pytest.raises(ValueError, match="every tap of every output reads the zero padding"):
+        LipConv2d(2, 2, 1, stride=3, padding=2, input_size=(1, 1))
