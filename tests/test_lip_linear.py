@@ -234,8 +234,12 @@ def test_cpp_cuda_matches_reference(dtype, needs):
 @pytest.fixture(params=["triton", "triton_gemm"])
 def gemm(request):
     """Both LipLinear GEMM variants: torch.mm + fused epilogues ("triton"), Triton GEMMs with
-    fused epilogues ("triton_gemm"); the value is the backend name."""
-    return request.param
+    fused epilogues ("triton_gemm", which fp32 takes only with TF32 allowed: allowed here, and
+    the interpreter computes its dots in fp32); the value is the backend name."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = request.param == "triton_gemm" or saved
+    yield request.param
+    torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _small_problem(batch, n, m, bias, dtype=torch.float32):
@@ -246,9 +250,11 @@ def _small_problem(batch, n, m, bias, dtype=torch.float32):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("shape", [(5, 7, 6), (33, 40, 20), (70, 17, 40)])
+@pytest.mark.parametrize("shape", [(5, 7, 6), (33, 40, 20), (70, 17, 40), (32, 48, 16)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_triton_matches_reference(gemm, shape, bias):
+    """Odd shapes run the Triton GEMM variant through cuBLAS (its tiles would spill); sizes in
+    multiples of 16 run the Triton GEMM itself."""
     x, w, b, sigma, u, v = _small_problem(*shape, bias)
     k = 1.7
     scale = k / sigma
@@ -275,17 +281,21 @@ def test_triton_matches_reference(gemm, shape, bias):
 
 @needs_interpreter
 @pytest.mark.parametrize("bias", [True, False])
-def test_triton_gradients_match_naive_formula(gemm, bias):
-    x, w, b, sigma, u, v = _small_problem(9, 12, 10, bias)
+@pytest.mark.parametrize("shape", [(9, 12, 10), (16, 32, 16)])
+@pytest.mark.parametrize("expanded", [True, False])
+def test_triton_gradients_match_naive_formula(gemm, bias, shape, expanded):
+    """Through F.lip_linear, with the stride-0 gradient of out.sum() and a dense one."""
+    x, w, b, sigma, u, v = _small_problem(*shape, bias)
     k = 2.5
     leaves = [t.clone().requires_grad_(True) for t in (x, w) + ((b,) if bias else ())]
     out = F.lip_linear(leaves[0], leaves[1], leaves[2] if bias else None, k / sigma, u, v, k,
                        backend=gemm)  # fmt: skip
-    out.sum().backward()  # an expanded (stride-0) output gradient
+    weights = torch.ones(out.shape[1]) if expanded else torch.linspace(-1, 1, out.shape[1])
+    (out.sum(0) if expanded else (out * weights).sum(0)).sum().backward()
     exact = [t.detach().double().requires_grad_(True) for t in leaves]
     naive = naive_lip_linear(exact[0], exact[1], exact[2] if bias else None, u.double(),
                              v.double(), k)  # fmt: skip
-    naive.sum().backward()
+    (naive * weights.double()).sum().backward()
     assert torch.allclose(out.double(), naive, rtol=1e-5, atol=1e-5)
     for got, want in zip(leaves, exact, strict=True):
         assert torch.allclose(got.grad.double(), want.grad, rtol=1e-4, atol=1e-4)

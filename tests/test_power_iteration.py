@@ -138,7 +138,7 @@ def _spectral_gap_weight(m, n, top=3.0) -> torch.Tensor:
 def power_path(request, monkeypatch):
     """Force each power-iteration path: one program, row blocks in registers, tiled rows."""
     if request.param != "small":  # tiny tiles: several row blocks per program, several programs
-        monkeypatch.setattr(power_iteration_module, "SMALL_WEIGHT", 0)
+        monkeypatch.setattr(power_iteration_module, "SMALL_WEIGHT_BYTES", 0)
         monkeypatch.setattr(power_iteration_module, "ROW_TILE", 128)
     if request.param == "rows-tiled":  # and several column tiles per row
         monkeypatch.setattr(power_iteration_module, "ROW_TILE", 32)

@@ -27,7 +27,9 @@ from . import _common
 
 NETWORK_SIZES = (2, 4, 8)
 BLOCKED_INNER = 256  # inner sizes from which programs take blocks of one row group's positions
-_TILE = 2048  # elements per program (a power of two)
+_TILE = 2048  # elements per program (a power of two), at most _TILE_BYTES of them
+_TILE_BYTES = 8192  # fp64 tiles of 2048 elements spill in the G = 8 network's backward
+_RANK_TILE = 1024  # elements per program in the rank path (its fp16 tiles of 2048 spill)
 _RANK_CHUNK = 128  # group members ranked at once in the rank path
 
 
@@ -149,17 +151,19 @@ def _tile_offsets(n_rows, groups_per_row, inner, s_outer, s_chan, s_inner, B: tl
     groups, one per inner position.
 
     Flat: tile rows walk all (r, position) pairs; with inner == 1 (specialised by Triton) the
-    tile is [groups, G] contiguous. BLOCKED: program (r, q) takes positions q*B + [0, B) of
-    row group r, provably contiguous along the inner dim.
+    tile is [groups, G] contiguous. BLOCKED: program r * blocks + q takes positions
+    q*B + [0, B) of row group r, provably contiguous along the inner dim.
     """
-    if BLOCKED:
-        row = tl.program_id(0).to(tl.int64)
-        pos = tl.program_id(1).to(tl.int64) * B + tl.arange(0, B)
+    if BLOCKED:  # a 1-D grid of (row group, block) pairs: CUDA caps a grid's y at 65535
+        pid = tl.program_id(0).to(tl.int64)
+        blocks = tl.cdiv(inner, B)
+        row = pid // blocks
+        pos = (pid - row * blocks) * B + tl.arange(0, B)
         mask = pos < inner
     else:
         flat = tl.program_id(0).to(tl.int64) * B + tl.arange(0, B)
-        mask = flat < n_rows * inner
         row = flat // inner
+        mask = row < n_rows  # not flat < n_rows * inner: that product can pass 2^31
         pos = flat - row * inner
     out_base = row * G * inner + pos
     if CONTIGUOUS:
@@ -167,7 +171,8 @@ def _tile_offsets(n_rows, groups_per_row, inner, s_outer, s_chan, s_inner, B: tl
     else:
         outer = row // groups_per_row
         in_base = outer * s_outer + (row - outer * groups_per_row) * G * s_chan + pos * s_inner
-    return in_base, s_chan, out_base, inner, mask
+    # column strides in 64 bits: member j sits j * stride away, which can pass 2^31
+    return in_base, tl.cast(s_chan, tl.int64), out_base, tl.cast(inner, tl.int64), mask
 
 
 @triton.jit
@@ -183,7 +188,7 @@ def _groupsort_network_kernel(x_ptr, grad_ptr, out_ptr, n_rows, groups_per_row, 
     cols = tl.arange(0, G)
     if FLAT:  # contiguous groups along the last dim: one contiguous span, vectorised I/O
         span = tl.program_id(0).to(tl.int64) * (B * G) + tl.arange(0, B * G)
-        span_mask = span < n_rows * G
+        span_mask = span // G < n_rows
         tile = tl.reshape(tl.load(x_ptr + span, mask=span_mask), (B, G))
     else:
         mask = rows[:, None] & (cols[None, :] < G)
@@ -204,7 +209,8 @@ def _groupsort_network_kernel(x_ptr, grad_ptr, out_ptr, n_rows, groups_per_row, 
             result = tl.join(tl.where(swap, g1, g0), tl.where(swap, g0, g1))
         else:  # scatter: grad at sorted place k to the member's own place
             scatter_mask = rows[:, None] & (cols[None, :] < G)
-            tl.store(out_ptr + out_base[:, None] + index * out_cs, grad, mask=scatter_mask)
+            place = index.to(tl.int64) * out_cs
+            tl.store(out_ptr + out_base[:, None] + place, grad, mask=scatter_mask)
     if not BACKWARD or G == 2:
         if FLAT:
             tl.store(out_ptr + span, tl.reshape(result, (B * G,)), mask=span_mask)
@@ -227,13 +233,16 @@ def _groupsort_rank_kernel(x_ptr, grad_ptr, out_ptr, n_rows, groups_per_row, inn
         mask = rows[:, None] & (cols[None, :] < G)
         tile = tl.load(x_ptr + in_base[:, None] + cols[None, :] * in_cs, mask=mask)
         rank = tl.zeros([B, J], tl.int32)
+        member_ptr = x_ptr + in_base
         for i in range(G):
-            member = tl.load(x_ptr + in_base + i * in_cs, mask=rows)
+            member = tl.load(member_ptr, mask=rows)
+            member_ptr += in_cs
             rank += _less(member[:, None], i, tile, cols[None, :]).to(tl.int32)
+        place = rank.to(tl.int64) * out_cs
         if not BACKWARD:
-            tl.store(out_ptr + out_base[:, None] + rank * out_cs, tile, mask=mask)
+            tl.store(out_ptr + out_base[:, None] + place, tile, mask=mask)
         else:
-            grad = tl.load(grad_ptr + out_base[:, None] + rank * out_cs, mask=mask)
+            grad = tl.load(grad_ptr + out_base[:, None] + place, mask=mask)
             tl.store(out_ptr + out_base[:, None] + cols[None, :] * out_cs, grad, mask=mask)
 
 
@@ -256,10 +265,12 @@ def _launch(x: torch.Tensor, grad: torch.Tensor | None, group_size: int, dim: in
     blocked = n_inner >= BLOCKED_INNER
     network = group_size in NETWORK_SIZES
     width = group_size if network else min(triton.next_power_of_2(group_size), _RANK_CHUNK)
-    # Block sizes depend on the group size only: symbolic shapes under torch.compile stay so.
-    block = min(_TILE // width, BLOCKED_INNER) if blocked else max(1, _TILE // width)
+    # Block sizes depend on the group size and dtype only: symbolic shapes under torch.compile
+    # stay so.
+    tile = min(_TILE if network else _RANK_TILE, _TILE_BYTES // x.element_size())
+    block = min(tile // width, BLOCKED_INNER) if blocked else max(1, tile // width)
     span = n_inner if blocked else n_rows * n_inner
-    grid = (n_rows, triton.cdiv(n_inner, block)) if blocked else (triton.cdiv(span, block),)
+    grid = (n_rows * triton.cdiv(n_inner, block) if blocked else triton.cdiv(span, block),)
     args = (x, x if grad is None else grad, out, n_rows, groups_per_row, n_inner, s_outer,
             stride[dim], s_inner)  # fmt: skip
     flags = {"BLOCKED": blocked, "CONTIGUOUS": x.is_contiguous(), "BACKWARD": grad is not None}

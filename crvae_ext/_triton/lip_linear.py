@@ -10,8 +10,10 @@ Two GEMM variants, the ``gemm`` argument (backend "triton" passes "cublas", back
   pass over G (and y) writes g = s G and the partial column sums (and <G, y - b> sums), and the
   rank-1 term is subtracted from grad_W in place, coef summed on the device.
 - "triton": Triton GEMMs with scale/bias/rank-1 fused into their epilogues (no extra pass over
-  the output or grad_W); the backward's elementwise kernel then only reduces. fp32 uses TF32
-  exactly when torch.backends.cuda.matmul.allow_tf32 does; fp64 always takes "cublas".
+  the output or grad_W); the backward's elementwise kernel then only reduces. fp32 takes it only
+  when torch.backends.cuda.matmul.allow_tf32 allows TF32 (tensor cores): an IEEE fp32 Triton
+  GEMM runs on FMA units, spills and trails cuBLAS, so fp32 without TF32 and fp64 always take
+  "cublas".
 <G, y - b> is <grad_x, x> when grad_x is computed (y is then not needed).
 """
 
@@ -41,7 +43,7 @@ def _lip_linear_epilogue_kernel(out_ptr, s_or, s_oc, scale_ptr, bias_ptr, n_rows
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    offsets = rows[:, None].to(tl.int64) * s_or + cols[None, :] * s_oc
+    offsets = rows[:, None].to(tl.int64) * s_or + cols[None, :].to(tl.int64) * s_oc
     acc_t = tl.float64 if FP64 else tl.float32  # never round an fp64 output through fp32
     acc = tl.load(out_ptr + offsets, mask=mask).to(acc_t)
     y = acc * tl.load(scale_ptr).to(acc_t)
@@ -59,7 +61,7 @@ def _lip_linear_grad_kernel(grad_ptr, s_gr, s_gc, out_ptr, bias_ptr, scale_ptr, 
     <G, y - b>. Program (c, r) covers columns block c of rows [r, r + 1) * rows_per_split."""
     acc = colsum_ptr.dtype.element_ty
     pid_c = tl.program_id(0)
-    pid_r = tl.program_id(1)
+    pid_r = tl.program_id(1).to(tl.int64)
     cols = pid_c * BC + tl.arange(0, BC)
     col_mask = cols < n_cols
     scale = tl.load(scale_ptr).to(acc)
@@ -72,7 +74,8 @@ def _lip_linear_grad_kernel(grad_ptr, s_gr, s_gc, out_ptr, bias_ptr, scale_ptr, 
         rows = r0 + tl.arange(0, BR)
         mask = (rows[:, None] < n_rows) & col_mask[None, :]
         r64 = rows[:, None].to(tl.int64)
-        grad = tl.load(grad_ptr + r64 * s_gr + cols[None, :] * s_gc, mask=mask, other=0.0)
+        c64 = cols[None, :].to(tl.int64)
+        grad = tl.load(grad_ptr + r64 * s_gr + c64 * s_gc, mask=mask, other=0.0)
         grad = grad.to(acc)
         if WRITE_G:
             g = (grad * scale).to(g_ptr.dtype.element_ty)
@@ -88,25 +91,25 @@ def _lip_linear_grad_kernel(grad_ptr, s_gr, s_gc, out_ptr, bias_ptr, scale_ptr, 
 
 
 @triton.jit
-def _coefficient(dot_ptr, n_dot, scale_ptr, inv_k, ND: tl.constexpr):
-    """coef = (scale / k) * sum of the ``n_dot`` partial <G, y - b>, ND at a time."""
+def _coefficient(dot_ptr, n_dot, ratio_ptr, ND: tl.constexpr):
+    """coef = (scale / k) * sum of the ``n_dot`` partial <G, y - b>, ND at a time; scale / k
+    arrives as a tensor in the accumulation dtype (a float argument would be fp32 compiled)."""
     total = tl.zeros([ND], dot_ptr.dtype.element_ty)
     for start in range(0, n_dot, ND):
         idx = start + tl.arange(0, ND)
         total += tl.load(dot_ptr + idx, mask=idx < n_dot, other=0.0)
-    return tl.sum(total, axis=0) * (tl.load(scale_ptr).to(total.dtype) * inv_k)
+    return tl.sum(total, axis=0) * tl.load(ratio_ptr).to(total.dtype)
 
 
 @triton.jit
-def _lip_linear_rank1_kernel(gw_ptr, s_gm, s_gn, u_ptr, v_ptr, dot_ptr, n_dot, scale_ptr, inv_k,
-                             m, n, BR: tl.constexpr, BC: tl.constexpr,
-                             ND: tl.constexpr):  # fmt: skip
+def _lip_linear_rank1_kernel(gw_ptr, s_gm, s_gn, u_ptr, v_ptr, dot_ptr, n_dot, ratio_ptr, m, n,
+                             BR: tl.constexpr, BC: tl.constexpr, ND: tl.constexpr):  # fmt: skip
     """grad_W -= coef u v^T in place, coef from the partial sums."""
-    coef = _coefficient(dot_ptr, n_dot, scale_ptr, inv_k, ND)
+    coef = _coefficient(dot_ptr, n_dot, ratio_ptr, ND)
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     mask = (rows[:, None] < m) & (cols[None, :] < n)
-    offsets = rows[:, None].to(tl.int64) * s_gm + cols[None, :] * s_gn
+    offsets = rows[:, None].to(tl.int64) * s_gm + cols[None, :].to(tl.int64) * s_gn
     u = tl.load(u_ptr + rows, mask=rows < m, other=0.0).to(coef.dtype)
     v = tl.load(v_ptr + cols, mask=cols < n, other=0.0).to(coef.dtype)
     gw = tl.load(gw_ptr + offsets, mask=mask).to(coef.dtype)
@@ -116,7 +119,7 @@ def _lip_linear_rank1_kernel(gw_ptr, s_gm, s_gn, u_ptr, v_ptr, dot_ptr, n_dot, s
 
 @triton.jit
 def _lip_linear_matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, scale_ptr,
-                              bias_ptr, dot_ptr, n_dot, u_ptr, v_ptr, inv_k,
+                              bias_ptr, dot_ptr, n_dot, u_ptr, v_ptr, ratio_ptr,
                               HAS_BIAS: tl.constexpr, RANK1: tl.constexpr, ND: tl.constexpr,
                               PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                               BK: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
@@ -135,20 +138,23 @@ def _lip_linear_matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, s_am, s_ak, s_bk, s_
     rows = tile_m * BM + tl.arange(0, BM)
     cols = tile_n * BN + tl.arange(0, BN)
     ks = tl.arange(0, BK)
-    a_ptrs = a_ptr + rows[:, None].to(tl.int64) * s_am + ks[None, :] * s_ak
-    b_ptrs = b_ptr + ks[:, None].to(tl.int64) * s_bk + cols[None, :] * s_bn
+    k64 = ks.to(tl.int64)  # addresses in 64 bits: index * stride can pass 2^31
+    a_step = BK * tl.cast(s_ak, tl.int64)
+    b_step = BK * tl.cast(s_bk, tl.int64)
+    a_ptrs = a_ptr + rows[:, None].to(tl.int64) * s_am + k64[None, :] * s_ak
+    b_ptrs = b_ptr + k64[:, None] * s_bk + cols[None, :].to(tl.int64) * s_bn
     acc = tl.zeros([BM, BN], tl.float32)
     for k0 in range(0, K, BK):
         a = tl.load(a_ptrs, mask=(rows[:, None] < M) & (k0 + ks[None, :] < K), other=0.0)
         b = tl.load(b_ptrs, mask=(k0 + ks[:, None] < K) & (cols[None, :] < N), other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptrs += BK * s_ak
-        b_ptrs += BK * s_bk
+        a_ptrs += a_step
+        b_ptrs += b_step
     out = acc * tl.load(scale_ptr).to(tl.float32)
     if HAS_BIAS:
         out += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     if RANK1:
-        coef = _coefficient(dot_ptr, n_dot, scale_ptr, inv_k, ND).to(tl.float32)
+        coef = _coefficient(dot_ptr, n_dot, ratio_ptr, ND).to(tl.float32)
         u = tl.load(u_ptr + rows, mask=rows < M, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
         out -= (coef * u)[:, None] * v[None, :]
@@ -159,10 +165,11 @@ def _lip_linear_matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, s_am, s_ak, s_bk, s_
 
 _CONFIGS = [
     triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    # No spills and shared memory within sm_80's and sm_90's limits for fp32 (TF32), fp16 and
+    # bf16 on the operands it is given (``python -m benchmarks.ptxas --full``); 128x128x32 at
+    # 4 warps and 128x256x64 spill, the latter also overflows shared memory in fp32.
     for bm, bn, bk, w, s in [
-        (128, 128, 32, 4, 4),
         (128, 128, 64, 8, 3),
-        (128, 256, 64, 8, 3),
         (64, 128, 32, 4, 4),
         (64, 64, 32, 4, 4),
         (128, 64, 32, 4, 4),
@@ -174,15 +181,13 @@ _matmul_tuned = triton.autotune(_CONFIGS, key=["M", "N", "K", "HAS_BIAS", "RANK1
 )
 
 
-def _matmul(a, b, out, scale, *, bias=None, rank1=None, inv_k=1.0) -> torch.Tensor:
-    """out = scale * (a b) [+ bias] [- coef u v^T] with rank1 = (dots, u, v)."""
+def _matmul(a, b, out, scale, *, bias=None, rank1=None) -> torch.Tensor:
+    """out = scale * (a b) [+ bias] [- coef u v^T] with rank1 = (dots, u, v, scale / k)."""
     (m, k), n = a.shape, b.shape[1]
-    dots, u, v = rank1 if rank1 is not None else (scale, scale, scale)
-    fp32 = a.dtype == torch.float32
-    # IEEE fp32 unless torch allows TF32; half inputs keep Triton's default (it has no effect).
-    precision = "ieee" if fp32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+    dots, u, v, ratio = rank1 if rank1 is not None else (scale, scale, scale, scale)
+    precision = "tf32"  # fp32 arrives here only with TF32 allowed; no effect on half inputs
     args = (a, b, out, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), scale,
-            bias if bias is not None else scale, dots, dots.numel(), u, v, inv_k)  # fmt: skip
+            bias if bias is not None else scale, dots, dots.numel(), u, v, ratio)  # fmt: skip
     flags = {"HAS_BIAS": bias is not None, "RANK1": rank1 is not None, "PRECISION": precision,
              "ND": _DOT_CHUNK}  # fmt: skip
     if _common.INTERPRETED:
@@ -195,10 +200,26 @@ def _matmul(a, b, out, scale, *, bias=None, rank1=None, inv_k=1.0) -> torch.Tens
     return out
 
 
-def _gemm_variant(dtype: torch.dtype, gemm: str) -> str:
+def _gemm_variant(gemm: str, *operands: torch.Tensor) -> str:
+    """The GEMM variant that runs: "triton" only where its GEMM has tensor cores (fp16, bf16,
+    fp32 with TF32 allowed) and tiles that load as whole vectors: every size a multiple of 16,
+    each operand with a unit stride and the other a multiple of 16 (an odd shape or an expanded,
+    stride-0 gradient makes its tiles spill). Anything else takes "cublas"."""
     if gemm not in GEMMS:
         raise ValueError(f"gemm must be one of {GEMMS}, got {gemm!r}")
-    return "cublas" if dtype == torch.float64 else gemm
+    dtype = operands[0].dtype
+    ieee = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    if dtype == torch.float64 or ieee:
+        return "cublas"
+    return gemm if all(_vector_tiles(t) for t in operands) else "cublas"
+
+
+def _vector_tiles(t: torch.Tensor) -> bool:
+    """A 2-D operand whose tiles the Triton GEMM loads as aligned vectors (see _gemm_variant)."""
+    sizes, strides = t.shape, t.stride()
+    return all(n % 16 == 0 for n in sizes) and 1 in strides and all(
+        s % 16 == 0 for s in strides if s != 1
+    )
 
 
 def _epilogue(out: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -220,7 +241,7 @@ def lip_linear(
     """y = scale * (x W^T) + b for a 2-D ``x``; scale is a device 0-d tensor (never read here)."""
     _common.require_device(x)
     with _torch_private.direct_triton_launches(x, weight, bias, scale):
-        if _gemm_variant(x.dtype, gemm) == "triton":
+        if _gemm_variant(gemm, x, weight) == "triton":
             out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
             return _matmul(x, weight.t(), out, scale, bias=bias)
         out = torch.mm(x, weight.t())
@@ -248,11 +269,11 @@ def _reductions(grad, out, bias, scale, write_g: bool, need_dot: bool):
     return g, colsum, dots
 
 
-def _rank1(grad_w, u, v, dots, scale, inv_k) -> None:
+def _rank1(grad_w, u, v, dots, ratio) -> None:
     m, n = grad_w.shape
     grid = (triton.cdiv(m, _TILE_ROWS), triton.cdiv(n, _TILE_COLS))
     _common.launch(_lip_linear_rank1_kernel, grid)(
-        grad_w, grad_w.stride(0), grad_w.stride(1), u, v, dots, dots.numel(), scale, inv_k, m, n,
+        grad_w, grad_w.stride(0), grad_w.stride(1), u, v, dots, dots.numel(), ratio, m, n,
         BR=_TILE_ROWS, BC=_TILE_COLS, ND=_DOT_CHUNK,
     )  # fmt: skip
 
@@ -277,11 +298,12 @@ def lip_linear_backward(
     if need_w and out is None and not need_x:
         raise ValueError("lip_linear_backward: out is required when x needs no gradient")
     with _torch_private.direct_triton_launches(grad, x, weight, bias, out, scale, u, v):
-        return _backward(grad, x, weight, bias, out, scale, u, v, 1.0 / lipschitz, needs,
-                         _gemm_variant(grad.dtype, gemm) == "triton")  # fmt: skip
+        ratio = scale.to(accumulate_dtype(grad.dtype)) / lipschitz  # as the reference divides
+        fused = _gemm_variant(gemm, grad, x, weight) == "triton"
+        return _backward(grad, x, weight, bias, out, scale, u, v, ratio, needs, fused)
 
 
-def _backward(grad, x, weight, bias, out, scale, u, v, inv_k, needs, fused):
+def _backward(grad, x, weight, bias, out, scale, u, v, ratio, needs, fused):
     need_x, need_w, need_b = needs
     has_bias = bias is not None
     if not (need_x or need_w or (need_b and has_bias)):
@@ -304,8 +326,8 @@ def _backward(grad, x, weight, bias, out, scale, u, v, inv_k, needs, fused):
     if need_w:
         if fused:
             grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format)
-            _matmul(grad.t(), x, grad_w, scale, rank1=(dots, u, v), inv_k=inv_k)
+            _matmul(grad.t(), x, grad_w, scale, rank1=(dots, u, v, ratio))
         else:
             grad_w = torch.mm(g.t(), x)
-            _rank1(grad_w, u, v, dots, scale, inv_k)
+            _rank1(grad_w, u, v, dots, ratio)
     return grad_x, grad_w, grad_b

@@ -23,7 +23,9 @@ from .. import _torch_private
 from .._meta import accumulate_dtype
 from . import _common
 
-SMALL_WEIGHT = 16384  # padded elements up to which every step runs in one program
+# Padded bytes of W in the accumulation dtype up to which every step runs in one program (W in
+# registers: 16384 fp32 values over 8 warps; an fp64 tile of that many spills)
+SMALL_WEIGHT_BYTES = 65536
 PROGRAMS_PER_SM = 2  # persistent row-block programs per SM (latency hiding vs partials traffic)
 ROW_TILE = 8192  # elements of the register tile in the row-block kernel
 _ROW_WARPS = 8
@@ -34,13 +36,16 @@ _FINISH_BLOCK = 1024  # elements per program in the final normalisation
 
 @triton.jit
 def _power_iteration_small_kernel(w_ptr, v_ptr, sigma_ptr, u_ptr, v_out_ptr, m, n, s_wm, s_wn,
-                                  n_iters, eps, M: tl.constexpr, N: tl.constexpr):  # fmt: skip
+                                  n_iters, EPS: tl.constexpr, M: tl.constexpr,
+                                  N: tl.constexpr):  # fmt: skip
     """Every step in one program, W held in registers: read once per launch."""
     acc = u_ptr.dtype.element_ty
+    eps = tl.full([], EPS, acc)  # the floor exactly in the accumulation dtype
     rows = tl.arange(0, M)
     cols = tl.arange(0, N)
     mask = (rows[:, None] < m) & (cols[None, :] < n)
-    w = tl.load(w_ptr + rows[:, None] * s_wm + cols[None, :] * s_wn, mask=mask, other=0.0)
+    offsets = rows[:, None].to(tl.int64) * s_wm + cols[None, :].to(tl.int64) * s_wn
+    w = tl.load(w_ptr + offsets, mask=mask, other=0.0)
     w = w.to(acc)
     v = tl.load(v_ptr + cols, mask=cols < n, other=0.0).to(acc)
     u = tl.zeros([M], acc)
@@ -65,8 +70,9 @@ def _norm(sq_ptr, count, P: tl.constexpr):
 
 @triton.jit
 def _power_iteration_rows_kernel(w_ptr, v_ptr, vsq_ptr, n_vsq, t_ptr, tsq_ptr, part_ptr, m, n,
-                                 s_wm, s_wn, eps, BM: tl.constexpr, BN: tl.constexpr,
-                                 WHOLE_ROW: tl.constexpr, NV: tl.constexpr):  # fmt: skip
+                                 s_wm, s_wn, EPS: tl.constexpr, BM: tl.constexpr,
+                                 BN: tl.constexpr, WHOLE_ROW: tl.constexpr,
+                                 NV: tl.constexpr):  # fmt: skip
     """Program p: row blocks p, p + P, ...: t = W_blk v, then its partial W_blk^T t.
 
     v is the previous step's unnormalised s, scaled by 1/|s| from its partial squared norms
@@ -76,6 +82,7 @@ def _power_iteration_rows_kernel(w_ptr, v_ptr, vsq_ptr, n_vsq, t_ptr, tsq_ptr, p
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     acc = t_ptr.dtype.element_ty
+    eps = tl.full([], EPS, acc)
     scale = tl.where(n_vsq > 0, 1.0 / tl.maximum(_norm(vsq_ptr, n_vsq, NV), eps), 1.0)
     part_row = part_ptr + pid.to(tl.int64) * n
     tsq = tl.zeros([BM], acc)
@@ -86,7 +93,7 @@ def _power_iteration_rows_kernel(w_ptr, v_ptr, vsq_ptr, n_vsq, t_ptr, tsq_ptr, p
         for block in range(pid, tl.cdiv(m, BM), programs):
             rows = block * BM + tl.arange(0, BM)
             mask = (rows[:, None] < m) & (cols[None, :] < n)
-            offsets = rows[:, None].to(tl.int64) * s_wm + cols[None, :] * s_wn
+            offsets = rows[:, None].to(tl.int64) * s_wm + cols[None, :].to(tl.int64) * s_wn
             w = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(acc)
             t = tl.sum(w * v[None, :], axis=1)
             s += tl.sum(w * t[:, None], axis=0)
@@ -107,13 +114,15 @@ def _power_iteration_rows_kernel(w_ptr, v_ptr, vsq_ptr, n_vsq, t_ptr, tsq_ptr, p
             for start in range(0, n, BN):
                 cols = start + tl.arange(0, BN)
                 mask = (rows[:, None] < m) & (cols[None, :] < n)
-                w = tl.load(w_ptr + row_offsets + cols[None, :] * s_wn, mask=mask, other=0.0)
+                col_offsets = cols[None, :].to(tl.int64) * s_wn
+                w = tl.load(w_ptr + row_offsets + col_offsets, mask=mask, other=0.0)
                 v = tl.load(v_ptr + cols, mask=cols < n, other=0.0).to(acc) * scale
                 t += tl.sum(w.to(acc) * v[None, :], axis=1)
             for start in range(0, n, BN):
                 cols = start + tl.arange(0, BN)
                 mask = (rows[:, None] < m) & (cols[None, :] < n)
-                w = tl.load(w_ptr + row_offsets + cols[None, :] * s_wn, mask=mask, other=0.0)
+                col_offsets = cols[None, :].to(tl.int64) * s_wn
+                w = tl.load(w_ptr + row_offsets + col_offsets, mask=mask, other=0.0)
                 s = tl.load(part_row + cols, mask=cols < n, other=0.0)
                 s += tl.sum(w.to(acc) * t[:, None], axis=0)
                 tl.store(part_row + cols, s, mask=cols < n)
@@ -129,17 +138,20 @@ def _power_iteration_reduce_kernel(part_ptr, n_parts, s_ptr, ssq_ptr, n, B: tl.c
     cols = tl.program_id(0) * B + tl.arange(0, B)
     mask = cols < n
     s = tl.zeros([B], s_ptr.dtype.element_ty)
-    for p in range(n_parts):
-        s += tl.load(part_ptr + p * n + cols, mask=mask, other=0.0)
+    part = part_ptr + cols
+    for _ in range(n_parts):
+        s += tl.load(part, mask=mask, other=0.0)
+        part += n  # a pointer step: p * n can pass 2^31
     tl.store(s_ptr + cols, s, mask=mask)
     tl.store(ssq_ptr + tl.program_id(0), tl.sum(s * s, axis=0))
 
 
 @triton.jit
 def _power_iteration_finish_kernel(t_ptr, tsq_ptr, n_tsq, s_ptr, ssq_ptr, n_ssq, sigma_ptr, u_ptr,
-                                   v_ptr, m, n, eps, B: tl.constexpr, NT: tl.constexpr,
-                                   NS: tl.constexpr):  # fmt: skip
+                                   v_ptr, m, n, EPS: tl.constexpr, B: tl.constexpr,
+                                   NT: tl.constexpr, NS: tl.constexpr):  # fmt: skip
     """u = t / |t|, sigma = |s| / |t|, v = (s / |t|) / sigma, with the reference's floors."""
+    eps = tl.full([], EPS, s_ptr.dtype.element_ty)
     t_den = tl.maximum(_norm(tsq_ptr, n_tsq, NT), eps)
     sigma = _norm(ssq_ptr, n_ssq, NS) / t_den
     idx = tl.program_id(0) * B + tl.arange(0, B)
@@ -156,7 +168,7 @@ def _small(weight, v, n_iters, outputs) -> None:
     big_m, big_n = triton.next_power_of_2(m), triton.next_power_of_2(n)
     _common.launch(_power_iteration_small_kernel, (1,))(
         weight, v, sigma, u, v_out, m, n, weight.stride(0), weight.stride(1), n_iters,
-        _common.EPS, M=big_m, N=big_n, num_warps=_ROW_WARPS,
+        EPS=_common.EPS, M=big_m, N=big_n, num_warps=_ROW_WARPS,
     )  # fmt: skip
 
 
@@ -179,14 +191,14 @@ def _large(weight, v, n_iters, outputs) -> None:
         source = v if step == 0 else s
         _common.launch(_power_iteration_rows_kernel, (programs,))(
             weight, source, ssq, 0 if step == 0 else n_ssq, t, tsq, parts, m, n,
-            weight.stride(0), weight.stride(1), _common.EPS, BM=bm, BN=bn,
+            weight.stride(0), weight.stride(1), EPS=_common.EPS, BM=bm, BN=bn,
             WHOLE_ROW=whole_row, NV=nv, num_warps=_ROW_WARPS,
         )  # fmt: skip
         _common.launch(_power_iteration_reduce_kernel, (n_ssq,))(
             parts, programs, s, ssq, n, B=_REDUCE_BLOCK
         )
     _common.launch(_power_iteration_finish_kernel, (triton.cdiv(max(m, n), _FINISH_BLOCK),))(
-        t, tsq, programs, s, ssq, n_ssq, sigma, u, v_out, m, n, _common.EPS,
+        t, tsq, programs, s, ssq, n_ssq, sigma, u, v_out, m, n, EPS=_common.EPS,
         B=_FINISH_BLOCK, NT=nt, NS=nv,
     )  # fmt: skip
 
@@ -206,7 +218,8 @@ def power_iteration(
     sigma = torch.empty((), dtype=acc, device=weight.device)
     u = torch.empty(m, dtype=acc, device=weight.device)
     v_out = torch.empty(n, dtype=acc, device=weight.device)
-    small = triton.next_power_of_2(m) * triton.next_power_of_2(n) <= SMALL_WEIGHT
+    padded = triton.next_power_of_2(m) * triton.next_power_of_2(n)
+    small = padded * acc.itemsize <= SMALL_WEIGHT_BYTES
     path = _small if small else _large
     with _torch_private.direct_triton_launches(weight, v):
         path(weight.detach(), v.detach().contiguous(), n_iters, (sigma, u, v_out))
