@@ -217,8 +217,10 @@ def _gemm_variant(gemm: str, *operands: torch.Tensor) -> str:
 def _vector_tiles(t: torch.Tensor) -> bool:
     """A 2-D operand whose tiles the Triton GEMM loads as aligned vectors (see _gemm_variant)."""
     sizes, strides = t.shape, t.stride()
-    return all(n % 16 == 0 for n in sizes) and 1 in strides and all(
-        s % 16 == 0 for s in strides if s != 1
+    return (
+        all(n % 16 == 0 for n in sizes)
+        and 1 in strides
+        and all(s % 16 == 0 for s in strides if s != 1)
     )
 
 
