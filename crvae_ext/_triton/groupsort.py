@@ -29,8 +29,9 @@ NETWORK_SIZES = (2, 4, 8)
 BLOCKED_INNER = 256  # inner sizes from which programs take blocks of one row group's positions
 _TILE = 2048  # elements per program (a power of two), at most _TILE_BYTES of them
 _TILE_BYTES = 8192  # fp64 tiles of 2048 elements spill in the G = 8 network's backward
-_RANK_TILE = 1024  # elements per program in the rank path (its fp16 tiles of 2048 spill)
-_RANK_CHUNK = 128  # group members ranked at once in the rank path
+# The rank path keeps a rank per element beside the tile: smaller tiles (wider ones spill)
+_RANK_TILE, _RANK_TILE_BYTES = 1024, 2048
+_RANK_CHUNK = 64  # group members ranked at once in the rank path
 
 
 @triton.jit
@@ -267,7 +268,10 @@ def _launch(x: torch.Tensor, grad: torch.Tensor | None, group_size: int, dim: in
     width = group_size if network else min(triton.next_power_of_2(group_size), _RANK_CHUNK)
     # Block sizes depend on the group size and dtype only: symbolic shapes under torch.compile
     # stay so.
-    tile = min(_TILE if network else _RANK_TILE, _TILE_BYTES // x.element_size())
+    if network:
+        tile = min(_TILE, _TILE_BYTES // x.element_size())
+    else:
+        tile = min(_RANK_TILE, _RANK_TILE_BYTES // x.element_size())
     block = min(tile // width, BLOCKED_INNER) if blocked else max(1, tile // width)
     span = n_inner if blocked else n_rows * n_inner
     grid = (n_rows * triton.cdiv(n_inner, block) if blocked else triton.cdiv(span, block),)
