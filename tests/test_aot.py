@@ -43,13 +43,16 @@ def test_every_kernel_compiles_for_sm90_without_spills_or_hazards():
     """One configuration of each kernel, compiled for sm_90 in a process without the
     interpreter: it compiles, has no spills, fits the shared memory, and no 32-bit product of
     two run-time values enters its index arithmetic (``aot.index_hazards``). The full sweep
-    (every config, sm_80 and sm_90): ``python -m benchmarks.ptxas --full``."""
+    (every config, sm_80 and sm_90): ``CRVAE_AOT_FULL=1`` here, or
+    ``python -m benchmarks.ptxas --full``."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = "import sys; from benchmarks.ptxas import smoke; sys.exit(smoke())"
+    if os.environ.get("CRVAE_AOT_FULL") == "1":  # the full sweep, every config on both targets
+        code = "import sys; from benchmarks.ptxas import main; sys.exit(main(['--full']))"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    assert "0 problems" in done.stdout
+    assert "0 problems" in done.stdout or "0 failures, 0 spilling, 0 over" in done.stdout
 
 
 def test_index_hazards_flags_a_32_bit_index_times_stride():
