@@ -160,11 +160,27 @@ def lip_conv_group(batch: int, channels: int, size: int, device) -> Group:
     return Group(title, "conv2d", cases, forwards, rounds=10)
 
 
-def groupsort_group(rows: int, cols: int, device, dtype=torch.float32, group_size=2) -> Group:
-    """GroupSort fwd + bwd per backend vs the torch.sort way vs ReLU (same bytes as ReLU)."""
+GRAD_LAYOUTS = ("dense", "expanded", "transposed")
+
+
+def upstream_gradient(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """An output gradient shaped like ``x``: dense, expanded (stride 0, what y.sum() gives) or
+    transposed (a column-major view)."""
+    if layout == "expanded":
+        return torch.ones((), device=x.device, dtype=x.dtype).expand(x.shape)
+    if layout == "transposed":
+        return torch.randn(x.shape[::-1], device=x.device, dtype=x.dtype).t()
+    return torch.randn_like(x)
+
+
+def groupsort_group(
+    rows: int, cols: int, device, dtype=torch.float32, group_size=2, grad_layout="dense"
+) -> Group:
+    """GroupSort fwd + bwd per backend vs the torch.sort way vs ReLU (same bytes as ReLU), the
+    upstream gradient in ``grad_layout`` for all of them."""
     torch.manual_seed(0)
     x = torch.randn(rows, cols, device=device, dtype=dtype, requires_grad=True)
-    grad = torch.randn_like(x)
+    grad = upstream_gradient(x, grad_layout)
 
     forwards = {
         "relu": lambda: torch.relu(x),
@@ -175,7 +191,20 @@ def groupsort_group(rows: int, cols: int, device, dtype=torch.float32, group_siz
     cases = {name: (lambda f=f: f().backward(grad)) for name, f in forwards.items()}
     moved = 5 * x.numel() * x.element_size()  # fwd: read x, write y; bwd: read g and x, write
     title = f"groupsort fwd+bwd {rows}x{cols} G={group_size} {DTYPE_NAMES[dtype]}"
+    if grad_layout != "dense":
+        title += f", {grad_layout} gradient"
     return Group(title, "relu", cases, forwards, dict.fromkeys(cases, moved))
+
+
+def groupsort_forward_group(rows: int, cols: int, device, dtype=torch.float32) -> Group:
+    """GroupSort(2) forward alone per backend vs ReLU forward (no autograd recording)."""
+    torch.manual_seed(0)
+    x = torch.randn(rows, cols, device=device, dtype=dtype)
+    cases = {"relu": lambda: torch.relu(x)}
+    for b in bench_backends(device):
+        cases[f"groupsort[{b}]"] = lambda b=b: F.groupsort(x, 2, 1, backend=b)
+    title = f"groupsort forward {rows}x{cols} G=2 {DTYPE_NAMES[dtype]}"
+    return Group(title, "relu", cases, {}, dict.fromkeys(cases, 2 * x.numel() * x.element_size()))
 
 
 def power_iteration_group(n: int, device, dtype=torch.float32, n_iters: int = 1) -> Group:

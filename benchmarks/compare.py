@@ -56,7 +56,12 @@ def groups(device: torch.device, full: bool, only: list[str] | None = None) -> I
             phases = ("train", "forward", "backward") if full or width == 1024 else ("train",)
             plan.append(("liplinear", C.liplinear_groups, (batch, width, device, dtype, phases)))
         gs_shapes = [(256, 1024), (1024, 4096)] + ([(4096, 4096)] if cuda else [])
-        plan += [("groupsort", C.groupsort_group, (r, c, device, dtype)) for r, c in gs_shapes]
+        plan += [
+            ("groupsort", C.groupsort_group, (r, c, device, dtype, 2, layout))
+            for r, c in gs_shapes
+            for layout in C.GRAD_LAYOUTS
+        ]
+        plan += [("groupsort forward", C.groupsort_forward_group, (256, 1024, device, dtype))]
         plan += [
             ("power_iteration", C.power_iteration_group, (n, device, dtype)) for n in (1024, 4096)
         ]

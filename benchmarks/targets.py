@@ -54,11 +54,19 @@ CERTIFY = "certify 1024 inputs in batches of 128"
 TARGETS = (
     _liplinear("liplinear_vs_linear", "cpu", "cpp", "fp32", 1.05),
     _liplinear("liplinear_reference_vs_linear", "cpu", "torch", "fp32", 1.10),
+    # a group prefix: the dense, expanded and transposed gradient groups are each judged
     Target(
         "groupsort_vs_relu", "cpu", "groupsort fwd+bwd 256x1024 G=2 fp32", "groupsort[cpp]", 1.3
     ),
     Target(
         "groupsort_vs_relu", "cpu", "groupsort fwd+bwd 1024x4096 G=2 fp32", "groupsort[cpp]", 1.3
+    ),
+    Target(
+        "groupsort_forward_vs_relu",
+        "cpu",
+        "groupsort forward 256x1024 G=2 fp32",
+        "groupsort[cpp]",
+        1.2,
     ),
     *(
         Target(

@@ -84,8 +84,8 @@ def resolve(backend: str | None, device: torch.device) -> str:
 
     A forced backend that cannot run on ``device`` is an error, never a silent fallback.
     """
-    environ = os.environ
-    return _resolve(backend, device.type, environ.get(ENV_VAR), environ.get("TRITON_INTERPRET"))
+    getenv = _torch_private.getenv
+    return _resolve(backend, device.type, getenv(ENV_VAR), getenv("TRITON_INTERPRET"))
 
 
 @functools.cache

@@ -30,6 +30,8 @@ def nonnegative_finite(name: str, value: object) -> float:
 
 def integer(name: str, value: object, minimum: int) -> int:
     """Return ``value`` as an int, or raise if it is not an integer >= ``minimum``."""
+    if type(value) is int and value >= minimum:  # the common case, without the ABC check
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
     if value < minimum:

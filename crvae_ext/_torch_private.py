@@ -7,6 +7,8 @@ correctness. Imports nothing from crvae_ext.
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 from collections.abc import Callable, Iterator
 
 import torch
@@ -90,3 +92,23 @@ def direct_triton_launches(*tensors: torch.Tensor | None) -> Iterator[None]:
         return
     with _set_wrap_triton_enabled(False):
         yield
+
+
+# os.environ decodes keys and values on every lookup (microseconds, per op call here); its
+# underlying mapping of encoded names is read directly where CPython lays it out so.
+_ENVIRON_DATA = getattr(os.environ, "_data", None)
+_ENCODE = getattr(os.environ, "encodekey", None)
+_DECODE = getattr(os.environ, "decodevalue", None)
+
+
+def getenv(name: str) -> str | None:
+    """``os.environ.get(name)`` without the per-call re-encoding of the name."""
+    if isinstance(_ENVIRON_DATA, dict) and callable(_ENCODE) and callable(_DECODE):
+        value = _ENVIRON_DATA.get(_encoded(name))
+        return None if value is None else _DECODE(value)
+    return os.environ.get(name)
+
+
+@functools.cache
+def _encoded(name: str) -> object:
+    return _ENCODE(name)

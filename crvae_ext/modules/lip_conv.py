@@ -20,6 +20,7 @@ from ._scaled import ScaledToK, _refresh
 
 _SIGMA_FLOOR = 1e-12
 _LANCZOS_STEPS = 32
+_FIRST_LANCZOS_STEPS = 8
 _MAX_RESTARTS = 50
 
 
@@ -166,9 +167,11 @@ class _LipConv(ScaledToK):
         acc = _lip_conv.accumulate_dtype(self.weight.dtype)
         tol = 8 * torch.finfo(acc).eps if tol is None else tol
         sigma, u, v = self._power(start, 1)
-        for _ in range(max_restarts):
+        for restart in range(max_restarts):
             previous = float(sigma)
-            ritz = _lip_conv.lanczos(self.weight, v, self._spec(), _LANCZOS_STEPS, self._pad())
+            # a short first restart: from a converged state (a refresh) it already settles
+            steps = _FIRST_LANCZOS_STEPS if restart == 0 else _LANCZOS_STEPS
+            ritz = _lip_conv.lanczos(self.weight, v, self._spec(), steps, self._pad())
             sigma, u, v = self._power(ritz, 1)
             if abs(float(sigma) - previous) <= tol * abs(float(sigma)):
                 break
