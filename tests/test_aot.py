@@ -173,3 +173,24 @@ def test_fp64_backward_with_k_not_a_power_of_two_matches_the_reference():
             assert (g is None) == (e is None)
             if g is not None:
                 torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+def test_gemm_routing_follows_torchs_tf32_api_and_operand_alignment():
+    """torch's new TF32 setting (``fp32_precision``, under which reading the legacy flag
+    raises) is honoured; offset views, expanded and odd operands take cuBLAS."""
+    matmul = torch.backends.cuda.matmul
+    x, w = aot.meta(64, 32), aot.meta(16, 32)
+    try:
+        matmul.fp32_precision = "tf32"
+        assert ll._gemm_variant("triton", x, w) == "triton"
+        assert ll._gemm_variant("cublas", x, w) == "cublas"
+        offset = aot.meta(64, 48)[:, 1:33]  # 4-byte aligned data: no vector loads
+        expanded = aot.meta(1, 32).expand(64, 32)
+        odd = aot.meta(60, 32)
+        for a in (offset, expanded, odd):
+            assert ll._gemm_variant("triton", a, w) == "cublas"
+        matmul.fp32_precision = "ieee"
+        assert ll._gemm_variant("triton", x, w) == "cublas"
+        assert ll._gemm_variant("triton", x.half(), w.half()) == "triton"
+    finally:
+        matmul.fp32_precision = "none"

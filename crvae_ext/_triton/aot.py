@@ -183,9 +183,12 @@ _SSA = re.compile(r"^\s*(%[\w.#]+)(?::\d+)? = ([\w.]+)\s*(.*)$")
 
 
 def index_hazards(ttir: str) -> list[str]:
-    """32-bit products of two run-time values in a kernel's TTIR: an index times a stride, or
-    two sizes, which pass 2^31 on big tensors. A product with a compile-time constant (a
-    block size) is not one: it stays within a size the grid already holds."""
+    """32-bit products in a kernel's TTIR that can pass 2^31 on big tensors: of two run-time
+    values (an index times a stride), or of a size-like value (a 32-bit kernel argument, or a
+    sum, difference or product with one) by anything, constants included (``n_rows * G``).
+    A block offset (``program_id * B``) is not one: the grid holds it already."""
+    header = next((line for line in ttir.splitlines() if "tt.func" in line), "")
+    sizes = set(re.findall(r"(%[\w.#]+): i32\b", header))
     constant: set[str] = set()
     hazards = []
     for line in ttir.splitlines():
@@ -194,14 +197,22 @@ def index_hazards(ttir: str) -> list[str]:
             continue
         name, op, rest = match.groups()
         operands = re.findall(r"%[\w.#]+", rest.split(":")[0])
+        i32 = bool(re.search(r":\s*(tensor<[^>]*x)?i32\b", rest.split(" loc(")[0]))
         if op == "arith.constant" or (
             op in ("tt.splat", "tt.broadcast", "tt.expand_dims") and set(operands) <= constant
         ):
             constant.add(name)
-        elif op == "arith.muli" and re.search(r":\s*(tensor<[^>]*x)?i32\b", rest):
-            if not any(o in constant for o in operands):
-                hazards.append(line.strip().split(" loc(")[0])
+            continue
+        sized = any(o in sizes for o in operands)
+        if op == "arith.muli" and i32 and (sized or not any(o in constant for o in operands)):
+            hazards.append(line.strip().split(" loc(")[0])
+        if i32 and sized and op in _SIZE_OPS:
+            sizes.add(name)
     return hazards
+
+
+_SIZE_OPS = ("arith.addi", "arith.subi", "arith.muli", "tt.splat", "tt.broadcast",
+             "tt.expand_dims")  # fmt: skip
 
 
 def meta(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -157,7 +157,7 @@ def _tile_offsets(n_rows, groups_per_row, inner, s_outer, s_chan, s_inner, B: tl
     """
     if BLOCKED:  # a 1-D grid of (row group, block) pairs: CUDA caps a grid's y at 65535
         pid = tl.program_id(0).to(tl.int64)
-        blocks = tl.cdiv(inner, B)
+        blocks = tl.cdiv(tl.cast(inner, tl.int64), B)  # inner + B - 1 can pass 2^31
         row = pid // blocks
         pos = (pid - row * blocks) * B + tl.arange(0, B)
         mask = pos < inner

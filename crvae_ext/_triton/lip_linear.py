@@ -5,13 +5,14 @@ grad_x = s G W, grad_b = 1^T G, grad_W = s G^T x - coef u v^T, coef = (s / k) <G
 
 Two GEMM variants, the ``gemm`` argument (backend "triton" passes "cublas", backend
 "triton_gemm" passes "triton"; the GPU check measures both):
-- "cublas": torch.mm for every GEMM (cuBLAS, honours allow_tf32), then ONE fused elementwise
-  kernel each way: the forward epilogue (scale, bias) in place on x W^T; in the backward one
-  pass over G (and y) writes g = s G and the partial column sums (and <G, y - b> sums), and the
+- "cublas": torch.mm for every GEMM (cuBLAS, honours torch's TF32 setting), then ONE fused
+  elementwise kernel each way: the forward epilogue (scale, bias) in place on x W^T; in the
+  backward one pass over G (and y) writes g = s G and the partial column sums (and <G, y - b>
+  sums), and the
   rank-1 term is subtracted from grad_W in place, coef summed on the device.
 - "triton": Triton GEMMs with scale/bias/rank-1 fused into their epilogues (no extra pass over
   the output or grad_W); the backward's elementwise kernel then only reduces. fp32 takes it only
-  when torch.backends.cuda.matmul.allow_tf32 allows TF32 (tensor cores): an IEEE fp32 Triton
+  when torch allows TF32 (``tf32_allowed``; tensor cores): an IEEE fp32 Triton
   GEMM runs on FMA units, spills and trails cuBLAS, so fp32 without TF32 and fp64 always take
   "cublas".
 <G, y - b> is <grad_x, x> when grad_x is computed (y is then not needed).
@@ -128,8 +129,8 @@ def _lip_linear_matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, s_am, s_ak, s_bk, s_
     Programs walk output tiles in groups of GROUP_M tile rows so neighbours share A and B in L2.
     """
     pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BM)
-    tiles_n = tl.cdiv(N, BN)
+    tiles_m = tl.cdiv(tl.cast(M, tl.int64), BM)  # 64-bit: M + BM - 1 can pass 2^31
+    tiles_n = tl.cdiv(tl.cast(N, tl.int64), BN)
     per_group = GROUP_M * tiles_n
     first_m = (pid // per_group) * GROUP_M
     group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
@@ -208,19 +209,31 @@ def _gemm_variant(gemm: str, *operands: torch.Tensor) -> str:
     if gemm not in GEMMS:
         raise ValueError(f"gemm must be one of {GEMMS}, got {gemm!r}")
     dtype = operands[0].dtype
-    ieee = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
-    if dtype == torch.float64 or ieee:
+    if gemm == "cublas" or dtype == torch.float64:
+        return "cublas"
+    if dtype == torch.float32 and not tf32_allowed():
         return "cublas"
     return gemm if all(_vector_tiles(t) for t in operands) else "cublas"
 
 
+def tf32_allowed() -> bool:
+    """Whether torch lets fp32 matmuls use TF32: the new API (``fp32_precision``) where it is
+    set (torch refuses to read the legacy flag then), else ``allow_tf32``."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", "none")
+    return precision == "tf32" if precision != "none" else bool(matmul.allow_tf32)
+
+
 def _vector_tiles(t: torch.Tensor) -> bool:
-    """A 2-D operand whose tiles the Triton GEMM loads as aligned vectors (see _gemm_variant)."""
+    """A 2-D operand whose tiles the Triton GEMM loads as aligned vectors (see _gemm_variant):
+    sizes and the non-unit stride multiples of 16 (an expanded, stride-0 operand is not one),
+    the data 16-byte aligned."""
     sizes, strides = t.shape, t.stride()
     return (
         all(n % 16 == 0 for n in sizes)
         and 1 in strides
-        and all(s % 16 == 0 for s in strides if s != 1)
+        and all(s > 0 and s % 16 == 0 for s in strides if s != 1)
+        and t.data_ptr() % 16 == 0
     )
 
 

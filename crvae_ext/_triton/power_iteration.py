@@ -90,7 +90,7 @@ def _power_iteration_rows_kernel(w_ptr, v_ptr, vsq_ptr, n_vsq, t_ptr, tsq_ptr, p
         cols = tl.arange(0, BN)
         v = tl.load(v_ptr + cols, mask=cols < n, other=0.0).to(acc) * scale
         s = tl.zeros([BN], acc)
-        for block in range(pid, tl.cdiv(m, BM), programs):
+        for block in range(pid, tl.cdiv(tl.cast(m, tl.int64), BM), programs):
             rows = block * BM + tl.arange(0, BM)
             mask = (rows[:, None] < m) & (cols[None, :] < n)
             offsets = rows[:, None].to(tl.int64) * s_wm + cols[None, :].to(tl.int64) * s_wn
@@ -107,7 +107,7 @@ def _power_iteration_rows_kernel(w_ptr, v_ptr, vsq_ptr, n_vsq, t_ptr, tsq_ptr, p
         # The partial row is read back by other threads of this program: barriers order the
         # global stores before those loads (a CTA barrier makes them visible to the block).
         tl.debug_barrier()
-        for block in range(pid, tl.cdiv(m, BM), programs):
+        for block in range(pid, tl.cdiv(tl.cast(m, tl.int64), BM), programs):
             rows = block * BM + tl.arange(0, BM)
             row_offsets = rows[:, None].to(tl.int64) * s_wm
             t = tl.zeros([BM], acc)
