@@ -167,8 +167,9 @@ def markdown(results: list[dict]) -> str:
     """The verdicts as a markdown table (empty when no target applies to this run)."""
     if not results:
         return ""
-    lines = ["| target | measured | verdict |", "|---|---|---|"]
+    lines = ["| target | group measured | measured | verdict |", "|---|---|---|---|"]
     for r in results:
         verdict = "met" if r["met"] else "**missed**"
-        lines.append(f"| {md_cell(r['target'])} | {r['measured']} | {verdict} |")
+        lines.append(f"| {md_cell(r['target'])} | {md_cell(r['group'])} | {r['measured']} | "
+                     f"{verdict} |")  # fmt: skip
     return "\n".join(lines)
