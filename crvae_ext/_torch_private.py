@@ -112,3 +112,23 @@ def getenv(name: str) -> str | None:
 @functools.cache
 def _encoded(name: str) -> object:
     return _ENCODE(name)
+
+
+@contextlib.contextmanager
+def no_triton_kernel_scan() -> Iterator[None]:
+    """Within: ``torch.library.triton_op`` records no kernels found in the op's source (its
+    scan imports torch._inductor). Where torch lays this out differently, nothing changes."""
+    try:
+        from torch._library import triton as module
+    except ImportError:
+        yield
+        return
+    original = getattr(module, "get_inner_triton_kernels", None)
+    if not callable(original):
+        yield
+        return
+    module.get_inner_triton_kernels = lambda fn: []
+    try:
+        yield
+    finally:
+        module.get_inner_triton_kernels = original

@@ -25,9 +25,21 @@ from ._meta import Grads
 try:
     import triton  # noqa: F401
 
-    _define = torch.library.triton_op
+    _DEFINE = torch.library.triton_op
 except Exception:  # a missing or broken triton must never break the import
-    _define = torch.library.custom_op
+    _DEFINE = torch.library.custom_op
+
+
+def _define(name: str, mutates_args: tuple) -> Callable:
+    """``triton_op`` (or ``custom_op``) without its scan of the function's source for Triton
+    kernels: ours reach their kernels through the backend table, where the scan finds none,
+    and it imports torch._inductor (about a second at ``import crvae_ext``)."""
+
+    def decorate(fn: Callable) -> Any:
+        with _torch_private.no_triton_kernel_scan():
+            return _DEFINE(name, mutates_args=mutates_args)(fn)
+
+    return decorate
 
 
 @_define("crvae_ext::groupsort", mutates_args=())

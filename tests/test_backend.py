@@ -67,18 +67,32 @@ def test_constant_mark_is_torchs():
     assert vars(ours) == vars(theirs)
 
 
-def test_import_does_not_load_scipy_or_build():
-    """import crvae_ext loads no scipy (only Monte-Carlo intervals need it) and builds nothing."""
+def test_import_does_not_load_scipy_inductor_or_build():
+    """import crvae_ext loads no scipy (only Monte-Carlo intervals need it), no torch._inductor
+    or torch._dynamo (triton_op's source scan imports them: a second per import; skipped) and
+    builds nothing."""
     import subprocess
     import sys
 
     code = (
         "import sys, crvae_ext, crvae_ext._cpp as c; "
-        "print('scipy' in sys.modules, c._load_once.cache_info().currsize)"
+        "print('scipy' in sys.modules, 'torch._inductor' in sys.modules, "
+        "'torch._dynamo' in sys.modules, c._load_once.cache_info().currsize)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "False 0"
+    assert done.stdout.strip().splitlines()[-1] == "False False False 0"
+
+
+def test_the_skipped_scan_finds_no_kernel_in_our_ops():
+    """What the skipped scan would have recorded for our ops: nothing (their kernels sit behind
+    the backend table), so skipping it changes only the import time."""
+    pytest.importorskip("triton")
+    from torch._library import triton as library
+
+    for name in ("groupsort", "groupsort_backward", "power_iteration", "lip_linear"):
+        assert library.get_inner_triton_kernels(getattr(ops, name)._init_fn) == []
+        assert library.triton_ops_to_kernels.get(f"crvae_ext::{name}") == []
 
 
 @needs_cpp
