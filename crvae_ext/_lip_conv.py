@@ -14,8 +14,6 @@ from torch.autograd.function import once_differentiable
 
 from ._meta import accumulate_dtype
 
-__all__ = ["ConvSpec", "accumulate_dtype", "lanczos", "lip_conv2d", "power_iteration"]
-
 _EPS = 1e-12
 
 
@@ -119,6 +117,18 @@ def lip_conv2d(
     return _LipConv2d.apply(x, weight, bias, scale, u, v, lipschitz, spec)
 
 
+def _operator(w: torch.Tensor, spec: ConvSpec, pad, size: tuple[int, int]):
+    """(A, A^T) as functions: the convolution on inputs of spatial ``size``, after the circular
+    ``pad`` when there is one, and its adjoint."""
+    if pad is None:
+        return (lambda x: convolve(x, w, spec)), (lambda y: adjoint(y, w, spec, size))
+    padded = pad.padded_size(size)
+    return (
+        lambda x: convolve(pad(x), w, spec),
+        lambda y: pad.adjoint(adjoint(y, w, spec, padded)),
+    )
+
+
 @torch.no_grad()
 def power_iteration(
     weight: torch.Tensor, v: torch.Tensor, spec: ConvSpec, n_iters: int, pad=None
@@ -130,18 +140,14 @@ def power_iteration(
     |A|_2, never used in a certificate. Computed in the accumulation dtype.
     """
     acc = accumulate_dtype(weight.dtype)
-    w = weight.detach().to(acc)
     v = v.detach().to(acc)
-    size = v.shape[2:]
-    sigma = torch.zeros((), dtype=acc, device=w.device)
+    forward, backward = _operator(weight.detach().to(acc), spec, pad, v.shape[2:])
+    sigma = torch.zeros((), dtype=acc, device=v.device)
     u = v
     for _ in range(n_iters):
-        t = convolve(pad(v) if pad is not None else v, w, spec)
+        t = forward(v)
         u = t / torch.linalg.vector_norm(t).clamp_min(_EPS)
-        if pad is not None:
-            s = pad.adjoint(adjoint(u, w, spec, pad.padded_size(size)))
-        else:
-            s = adjoint(u, w, spec, size)
+        s = backward(u)
         sigma = torch.linalg.vector_norm(s)
         v = s / sigma.clamp_min(_EPS)
     return sigma, u, v
@@ -155,16 +161,11 @@ def lanczos(
     reorthogonalised). A convolution's top singular values cluster, so plain power iteration
     creeps (thousands of steps to converge); Krylov steps reach the same vector in tens."""
     acc = accumulate_dtype(weight.dtype)
-    w = weight.detach().to(acc)
     shape = v.shape
-    size = shape[2:]
+    forward, backward = _operator(weight.detach().to(acc), spec, pad, shape[2:])
 
     def gram(x: torch.Tensor) -> torch.Tensor:
-        x = x.view(shape)
-        if pad is None:
-            return adjoint(convolve(x, w, spec), w, spec, size).flatten()
-        y = convolve(pad(x), w, spec)
-        return pad.adjoint(adjoint(y, w, spec, pad.padded_size(size))).flatten()
+        return backward(forward(x.view(shape))).flatten()
 
     q = v.detach().to(acc).flatten()
     basis = [q / torch.linalg.vector_norm(q).clamp_min(_EPS)]

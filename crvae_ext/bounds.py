@@ -18,6 +18,12 @@ from . import _checks, _state, reference
 _BOUNDS: dict[type[nn.Module], Callable[[nn.Module], float]] = {}
 
 
+def svd_margin(*dims: int) -> float:
+    """1 + 8 max(m, n) eps64: LAPACK's singular values are exact for a matrix within
+    c * max(m, n) * eps64 * |W| of W, so a float64 SVD value times this is an upper bound."""
+    return 1.0 + 8 * max(dims, default=1) * torch.finfo(torch.float64).eps
+
+
 def spectral_norm_bound(weight: torch.Tensor, name: str = "weight") -> float:
     """An upper bound on |weight|_2: the float64 SVD value times (1 + 8 max(m, n) eps64).
 
@@ -26,8 +32,7 @@ def spectral_norm_bound(weight: torch.Tensor, name: str = "weight") -> float:
     """
     _checks.float_tensor(name, weight)
     _checks.finite_tensor(name, weight)
-    margin = 1.0 + 8 * max(weight.shape, default=1) * torch.finfo(torch.float64).eps
-    return reference.spectral_norm_exact(weight) * margin
+    return reference.spectral_norm_exact(weight) * svd_margin(*weight.shape)
 
 
 def scaled_norm_bound(

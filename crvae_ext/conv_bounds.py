@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _checks
+from . import _checks, bounds
 
 PADDING_MODES = ("zeros", "circular")
 BOUND_METHODS = ("svd", "gram")
@@ -31,7 +31,7 @@ def _norm(t: torch.Tensor, dim=(-2, -1)) -> torch.Tensor:
     return torch.linalg.vector_norm(t / safe, dim=dim) * safe.squeeze(dim)
 
 
-def _pair(name: str, value: int | tuple[int, int], minimum: int) -> tuple[int, int]:
+def as_pair(name: str, value: int | tuple[int, int], minimum: int) -> tuple[int, int]:
     """An int or a pair of ints, each >= ``minimum``, as a pair."""
     values = (value, value) if not isinstance(value, (tuple, list)) else tuple(value)
     if len(values) != 2:
@@ -70,10 +70,10 @@ class ConvGeometry:
                 "(e.g. kernel_size // 2 for 'same' with stride 1 and odd kernels)"
             )
         return cls(
-            _pair("kernel_size", kernel_size, 1),
-            _pair("stride", stride, 1),
-            _pair("padding", padding, 0),
-            _pair("dilation", dilation, 1),
+            as_pair("kernel_size", kernel_size, 1),
+            as_pair("stride", stride, 1),
+            as_pair("padding", padding, 0),
+            as_pair("dilation", dilation, 1),
             padding_mode,
         )
 
@@ -88,7 +88,7 @@ class ConvGeometry:
 
     def check_input_size(self, input_size: tuple[int, int]) -> tuple[int, int]:
         """``input_size`` as a pair if the bound covers this geometry on it; else a clear error."""
-        size = _pair("input_size", input_size, 1)
+        size = as_pair("input_size", input_size, 1)
         out = self.output_size(size)
         if min(out) < 1:
             raise ValueError(
@@ -203,13 +203,13 @@ def frequency_matrices(phased: torch.Tensor, grid: tuple[int, int]) -> tuple[tor
     n = 2 * (length_h + length_w) + 64
     gamma = n * _U / (1 - n * _U)
     magnitude = float(_norm(phased.abs().sum((-2, -1))))
-    return a, gamma * magnitude * (1 + (phased[0, 0].numel() + phased.shape[0] * 4) * _EPS)
+    summed = length_h * length_w + phased.shape[0] * phased.shape[1] + 4  # its own rounding
+    return a, gamma * magnitude * (1 + summed * _EPS)
 
 
 def _svd_bound(a: torch.Tensor) -> float:
-    """max_f |A(f)|_2 by LAPACK, inflated for its rounding as ``bounds.spectral_norm_bound``."""
-    margin = 1.0 + 8 * max(a.shape[-2:]) * _EPS
-    return float(torch.linalg.matrix_norm(a, ord=2).max()) * margin
+    """max_f |A(f)|_2 by LAPACK, inflated for its rounding (``bounds.svd_margin``)."""
+    return float(torch.linalg.matrix_norm(a, ord=2).max()) * bounds.svd_margin(*a.shape[-2:])
 
 
 def gram_bound(a: torch.Tensor, iterations: int = 10) -> float:

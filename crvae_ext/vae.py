@@ -256,12 +256,7 @@ class LipschitzVAE(VAEBase):
             ),
             sigma_max,
         )
-        self.config.update(
-            method=method,
-            group_size=group_size,
-            observation_std=self.observation_std,
-            backend=backend,
-        )
+        self.config.update(method=method, group_size=group_size, backend=backend)
 
     def _setup(
         self,
@@ -287,7 +282,11 @@ class LipschitzVAE(VAEBase):
         self.budgets = budgets
         self.target: RobustnessTarget | None = None
         self.config = {"input_dim": self.input_dim, "latent_dim": self.latent_dim, **config}
-        self.config.update(zip(names, budgets, strict=True), likelihood=likelihood)
+        self.config.update(
+            zip(names, budgets, strict=True),
+            likelihood=likelihood,
+            observation_std=self.observation_std,
+        )
         return budgets
 
     def _dec_budget(self) -> float:
@@ -502,9 +501,7 @@ class ConvLipschitzVAE(LipschitzVAE):
             ),
             sigma_max,
         )
-        self.config.update(
-            group_size=group_size, observation_std=self.observation_std, backend=backend
-        )
+        self.config.update(group_size=group_size, backend=backend)
 
 
 def _image_shape(

@@ -7,12 +7,16 @@ from torch import nn
 
 from .. import _checks
 
+SIGMA_FLOOR = 1e-12  # sigma_hat below it is taken as this (a zero weight gives a finite scale)
+
 
 class ScaledToK(nn.Module):
     """A module with a ``weight`` scaled to the constant ``lipschitz`` (k), which must stay a
     normal number of the weight's dtype (beyond its range the output is inf or 0)."""
 
     weight: torch.Tensor
+    u: torch.Tensor
+    v: torch.Tensor
     _lipschitz: float
 
     @property
@@ -25,6 +29,17 @@ class ScaledToK(nn.Module):
         value = _checks.positive_finite("lipschitz", value)
         _check_representable(value, self.weight.dtype)
         self._lipschitz = value
+
+    def _store(self, sigma: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> None:
+        """Copy a power-iteration result into the buffers, unless it came from a zero operator
+        (A v = 0), which would leave a zero state no later weight could recover from."""
+        moved = sigma > 0
+        self.u.copy_(torch.where(moved, u, self.u))
+        self.v.copy_(torch.where(moved, v, self.v))
+
+    def _scale(self, sigma: torch.Tensor) -> torch.Tensor:
+        """k / sigma_hat as a 0-d tensor (fp32, fp64 for fp64): the exact factor applied."""
+        return self._lipschitz / sigma.clamp_min(SIGMA_FLOOR)
 
     def _apply(self, fn, recurse: bool = True):
         """Refuse a dtype the constant k cannot be represented in, before converting."""

@@ -16,9 +16,9 @@ from torch import nn
 
 from .. import _checks, _lip_conv, _state, _torch_private, conv_bounds
 from .. import functional as F
+from .._meta import accumulate_dtype
 from ._scaled import ScaledToK, _refresh
 
-_SIGMA_FLOOR = 1e-12
 _LANCZOS_STEPS = 32
 _FIRST_LANCZOS_STEPS = 8
 _MAX_RESTARTS = 50
@@ -55,7 +55,7 @@ class _LipConv(ScaledToK):
         self.geometry = conv_bounds.ConvGeometry.of(
             kernel_size, stride, padding, dilation, padding_mode
         )
-        self.output_padding = conv_bounds._pair("output_padding", output_padding, 0)
+        self.output_padding = conv_bounds.as_pair("output_padding", output_padding, 0)
         if any(o >= s for o, s in zip(self.output_padding, self.geometry.stride, strict=True)):
             raise ValueError(
                 f"output_padding={self.output_padding} must be smaller than the stride "
@@ -118,7 +118,7 @@ class _LipConv(ScaledToK):
         """Fix the input size (H, W) the layer is normalised and bounded for: new power-iteration
         state, converged. Inputs of other sizes are refused (smaller ones accepted with zero
         padding: the operator is then a restriction of this one)."""
-        size = conv_bounds._pair("input_size", input_size, 1)
+        size = conv_bounds.as_pair("input_size", input_size, 1)
         if self.transposed and min(self.output_size(size)) < 1:
             raise ValueError(f"input_size={size} gives an empty output")
         self.geometry.check_input_size(self._bounded_size(size))
@@ -164,7 +164,7 @@ class _LipConv(ScaledToK):
         (so sigma = <u, A v> holds for the pair), until sigma moves by < ``tol`` (relative;
         default a few units of the accumulation dtype's rounding). The buffers stay as they are.
         """
-        acc = _lip_conv.accumulate_dtype(self.weight.dtype)
+        acc = accumulate_dtype(self.weight.dtype)
         tol = 8 * torch.finfo(acc).eps if tol is None else tol
         sigma, u, v = self._power(start, 1)
         for restart in range(max_restarts):
@@ -176,12 +176,6 @@ class _LipConv(ScaledToK):
             if abs(float(sigma) - previous) <= tol * abs(float(sigma)):
                 break
         return sigma, u, v
-
-    def _store(self, sigma: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> None:
-        """Copy a power-iteration result into the buffers unless the operator was zero."""
-        moved = sigma > 0
-        self.u.copy_(torch.where(moved, u, self.u))
-        self.v.copy_(torch.where(moved, v, self.v))
 
     @torch.no_grad()
     def converge_(self, tol: float | None = None) -> _LipConv:
@@ -199,9 +193,6 @@ class _LipConv(ScaledToK):
                 f"{type(self).__name__}.{what}: the input size is not known yet; run a forward "
                 "or build the layer with input_size=(H, W)"
             )
-
-    def _scale(self, sigma: torch.Tensor) -> torch.Tensor:
-        return self._lipschitz / sigma.clamp_min(_SIGMA_FLOOR)
 
     def _iterate(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.no_grad():
@@ -298,12 +289,9 @@ class _LipConv(ScaledToK):
             gap = conv_bounds.kernel_difference_bound(exported - exact)
             if torch.float64 in (self.weight.dtype, scale.dtype):
                 gap += torch.finfo(torch.float64).eps * conv_bounds.kernel_difference_bound(exact)
-            main = conv_bounds.conv_operator_bound(  # a transposed layer's weight is the kernel
-                exact,
-                self._bounded_size(self.input_size),
-                self.geometry,
-                method,  # of its adjoint
-            )
+            # a transposed layer's weight is the kernel of its adjoint conv2d
+            size = self._bounded_size(self.input_size)
+            main = conv_bounds.conv_operator_bound(exact, size, self.geometry, method)
             return (main + gap) * (1 + 4 * torch.finfo(torch.float64).eps)
 
     @torch.no_grad()

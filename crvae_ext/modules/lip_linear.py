@@ -10,10 +10,9 @@ from torch import nn
 
 from .. import _backend, _checks, _state, _torch_private, bounds
 from .. import functional as F
-from ._scaled import ScaledToK, _refresh
+from ._scaled import SIGMA_FLOOR, ScaledToK, _refresh
 
 METHODS = ("spectral", "bjorck")
-_SIGMA_FLOOR = 1e-12
 # The eval state runs the power iteration until sigma_hat moves by less than this (relative)
 # over _CHECK_EVERY steps, at most _MAX_STEPS steps.
 _TOLERANCE = 1e-7
@@ -103,7 +102,7 @@ class LipLinear(ScaledToK):
                 bound = 1.0 / math.sqrt(self.in_features)
                 self.bias.uniform_(-bound, bound)
             self.v.normal_()
-            self.v.div_(self.v.norm().clamp_min(_SIGMA_FLOOR))
+            self.v.div_(self.v.norm().clamp_min(SIGMA_FLOOR))
         self.converge_()
 
     @torch.no_grad()
@@ -138,17 +137,6 @@ class LipLinear(ScaledToK):
                 break
             previous = current
         return sigma, u, v
-
-    def _store(self, sigma: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> None:
-        """Copy a power-iteration result into the buffers, unless it came from a zero weight
-        (W v = 0), which would leave a zero state no later weight could recover from."""
-        moved = sigma > 0
-        self.u.copy_(torch.where(moved, u, self.u))
-        self.v.copy_(torch.where(moved, v, self.v))
-
-    def _scale(self, sigma: torch.Tensor) -> torch.Tensor:
-        """k / sigma_hat as a 0-d tensor (fp32, fp64 for fp64): the exact factor applied."""
-        return self._lipschitz / sigma.clamp_min(_SIGMA_FLOOR)
 
     def _iterate(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One training forward's power-iteration steps; the buffers advance in place, except
