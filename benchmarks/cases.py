@@ -207,6 +207,23 @@ def groupsort_forward_group(rows: int, cols: int, device, dtype=torch.float32) -
     return Group(title, "relu", cases, {}, dict.fromkeys(cases, 2 * x.numel() * x.element_size()))
 
 
+def groupsort_backward_group(rows: int, cols: int, device, dtype=torch.float32) -> Group:
+    """GroupSort(2) backward alone per backend vs ReLU backward: the engine run over a kept
+    graph (dense upstream gradient), the forward done once outside the timing."""
+    torch.manual_seed(0)
+    x = torch.randn(rows, cols, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn_like(x)
+    outputs = {"relu": torch.relu(x)}
+    for b in bench_backends(device):
+        outputs[f"groupsort[{b}]"] = F.groupsort(x, 2, 1, backend=b)
+    cases = {
+        name: (lambda y=y: torch.autograd.grad(y, x, grad, retain_graph=True))
+        for name, y in outputs.items()
+    }
+    title = f"groupsort backward {rows}x{cols} G=2 {DTYPE_NAMES[dtype]}"
+    return Group(title, "relu", cases, {}, dict.fromkeys(cases, 3 * x.numel() * x.element_size()))
+
+
 def power_iteration_group(n: int, device, dtype=torch.float32, n_iters: int = 1) -> Group:
     """One power-iteration step per backend vs two plain torch matvecs (the reference)."""
     torch.manual_seed(0)

@@ -62,6 +62,7 @@ def groups(device: torch.device, full: bool, only: list[str] | None = None) -> I
             for layout in C.GRAD_LAYOUTS
         ]
         plan += [("groupsort forward", C.groupsort_forward_group, (256, 1024, device, dtype))]
+        plan += [("groupsort backward", C.groupsort_backward_group, (256, 1024, device, dtype))]
         plan += [
             ("power_iteration", C.power_iteration_group, (n, device, dtype)) for n in (1024, 4096)
         ]

@@ -68,6 +68,13 @@ TARGETS = (
         "groupsort[cpp]",
         1.2,
     ),
+    Target(
+        "groupsort_backward_vs_relu",
+        "cpu",
+        "groupsort backward 256x1024 G=2 fp32",
+        "groupsort[cpp]",
+        1.2,
+    ),
     *(
         Target(
             "power_iteration_vs_matvecs",

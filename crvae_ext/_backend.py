@@ -85,12 +85,14 @@ def resolve(backend: str | None, device: torch.device) -> str:
     A forced backend that cannot run on ``device`` is an error, never a silent fallback.
     """
     getenv = _torch_private.getenv
-    return _resolve(backend, device.type, getenv(ENV_VAR), getenv("TRITON_INTERPRET"))
+    return _resolve(backend, device, getenv(ENV_VAR), getenv("TRITON_INTERPRET"))
 
 
 @functools.cache
-def _resolve(backend: str | None, device_type: str, env: str | None, _interpret: str | None):
-    """``resolve`` for one state of the environment (errors are raised, never cached)."""
+def _resolve(backend: str | None, device: torch.device, env: str | None, _interpret: str | None):
+    """``resolve`` for one state of the environment (errors are raised, never cached); keyed on
+    the device itself, whose hash is cheaper than its ``type``."""
+    device_type = device.type
     name = backend if backend is not None else (env or "auto")
     if backend is None and name != "auto" and name not in BACKENDS:
         raise ValueError(f"${ENV_VAR} must be 'auto' or one of {BACKENDS}, got {name!r}")

@@ -101,9 +101,12 @@ _ENCODE = getattr(os.environ, "encodekey", None)
 _DECODE = getattr(os.environ, "decodevalue", None)
 
 
+_DIRECT_ENVIRON = isinstance(_ENVIRON_DATA, dict) and callable(_ENCODE) and callable(_DECODE)
+
+
 def getenv(name: str) -> str | None:
     """``os.environ.get(name)`` without the per-call re-encoding of the name."""
-    if isinstance(_ENVIRON_DATA, dict) and callable(_ENCODE) and callable(_DECODE):
+    if _DIRECT_ENVIRON:
         value = _ENVIRON_DATA.get(_encoded(name))
         return None if value is None else _DECODE(value)
     return os.environ.get(name)

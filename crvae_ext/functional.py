@@ -82,8 +82,10 @@ def lip_linear(
             f"got {tuple(u.shape)}, {tuple(v.shape)}"
         )
     name = _backend.resolve(backend, x.device)
-    flat = x.reshape(-1, in_features)
     u, v = u.detach(), v.detach()
+    if x.dim() == 2:  # no reshapes (each is a view node of the graph)
+        return ops.lip_linear_autograd(x, weight, bias, scale, u, v, lipschitz, name)
+    flat = x.reshape(-1, in_features)
     out = ops.lip_linear_autograd(flat, weight, bias, scale, u, v, lipschitz, name)
     return out.reshape(*x.shape[:-1], out_features)
 

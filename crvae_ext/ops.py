@@ -9,11 +9,13 @@ the functions in ``_meta``.
 Autograd: each differentiable op has one ``torch.autograd.Function`` (setup_context style, so
 functorch's grad/jacrev/vmap work); its ``setup_context`` and ``backward`` are also the op's
 registered autograd, which torch.compile and direct op calls use. In plain eager mode the
-Function calls the backend kernel directly, skipping the op's Python dispatch.
+Function calls the backend kernel directly, skipping the op's Python dispatch, and a backend
+may bring its own node for the same formula (``<op>_autograd``: the cpp backend's, in C++).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -89,13 +91,19 @@ for _name, _op in _PUBLIC.items():
     _op.register_fake(getattr(_meta, _name))
 
 
+@functools.cache
+def _kernel(name: str, backend: str) -> Callable | None:
+    """Backend ``backend``'s function ``name``, or None where it has none."""
+    return getattr(_backend.kernels(backend), name, None)
+
+
 def call(name: str, backend: str, *args: Any) -> Any:
     """Kernel ``name`` of ``backend`` on the kernel's own arguments: called directly in plain
     eager mode (no op dispatch), else through the public op of the same arguments, so that
     torch.compile, export and functorch see it. ``lip_linear_backward`` has no public op (it
     returns optional tensors); its kernels are traceable as they are."""
     if name not in _PUBLIC or _backend.plain_eager():
-        return getattr(_backend.kernels(backend), name)(*args)
+        return _kernel(name, backend)(*args)
     return _PUBLIC[name](*args, backend)
 
 
@@ -143,6 +151,11 @@ def _permute_like_groupsort(t: torch.Tensor, x: torch.Tensor, group_size: int, d
 
 class _GroupSort(torch.autograd.Function):
     @staticmethod
+    def kernel(x, group_size, dim, backend):
+        """The backend's kernel on the op's arguments (plain eager mode only)."""
+        return _kernel("groupsort", backend)(x, group_size, dim)
+
+    @staticmethod
     def forward(x, group_size, dim, backend):
         return call("groupsort", backend, x, group_size, dim)
 
@@ -177,9 +190,14 @@ class _GroupSort(torch.autograd.Function):
 
 class _LipLinear(torch.autograd.Function):
     @staticmethod
+    def kernel(x, weight, bias, scale, u, v, lipschitz, backend):
+        """The backend's kernel on the op's arguments (plain eager mode only)."""
+        return _kernel("lip_linear", backend)(x, weight, bias, scale)
+
+    @staticmethod
     def forward(x, weight, bias, scale, u, v, lipschitz, backend):
         if _backend.plain_eager():
-            return _backend.kernels(backend).lip_linear(x, weight, bias, scale)
+            return _LipLinear.kernel(x, weight, bias, scale, u, v, lipschitz, backend)
         return lip_linear(x, weight, bias, scale, u, v, lipschitz, backend)
 
     @staticmethod
@@ -260,15 +278,18 @@ _register(groupsort_backward, _GroupSortBackward)
 _register(lip_linear, _LipLinear)
 
 
-def _differentiable(function: type[torch.autograd.Function], op: Callable) -> Callable:
+def _differentiable(function: type[torch.autograd.Function], op: Callable, name: str) -> Callable:
+    native_name = f"{name}_autograd"
+
     def run(*args: Any) -> Any:
-        if _backend.plain_eager():
-            if not (torch.is_grad_enabled() and any(_requires_grad(a) for a in args)):
-                return function.forward(*args)  # the kernel itself: no graph to record
+        if not _backend.plain_eager():  # compile traces the op and its registered autograd
+            return op(*args) if torch.compiler.is_compiling() else function.apply(*args)
+        if torch.is_grad_enabled() and any(map(_requires_grad, args)):
+            native = _kernel(native_name, args[-1])
+            if native is not None:  # the backend's own node for this formula (cpp: in C++)
+                return native(*args[:-1])
             return _torch_private.apply_function(function, *args)
-        if torch.compiler.is_compiling():  # the op, whose registered autograd compile traces
-            return op(*args)
-        return function.apply(*args)  # functorch
+        return function.kernel(*args)  # no graph to record
 
     run.__doc__ = (
         "Differentiable op: its one autograd formula; in plain eager mode the kernel itself "
@@ -281,5 +302,5 @@ def _requires_grad(arg: Any) -> bool:
     return isinstance(arg, torch.Tensor) and arg.requires_grad
 
 
-groupsort_autograd = _differentiable(_GroupSort, groupsort)
-lip_linear_autograd = _differentiable(_LipLinear, lip_linear)
+groupsort_autograd = _differentiable(_GroupSort, groupsort, "groupsort")
+lip_linear_autograd = _differentiable(_LipLinear, lip_linear, "lip_linear")

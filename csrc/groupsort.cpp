@@ -290,8 +290,7 @@ struct Avx2<float> {
   static void store(float* p, R v) { _mm256_storeu_ps(p, v); }
   static R mate(R v) { return _mm256_permute_ps(v, 0xB1); }
   static R nan(R v) { return _mm256_cmp_ps(v, v, _CMP_UNORD_Q); }
-  static R less(R a, R b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
-  static R either(R a, R b) { return _mm256_or_ps(a, b); }
+  static R not_at_most(R a, R b) { return _mm256_cmp_ps(a, b, _CMP_NLE_UQ); }  // !(a <= b)
   static R but_not(R a, R b) { return _mm256_andnot_ps(a, b); }  // b & ~a
   static R even_to_odd(R v) { return _mm256_moveldup_ps(v); }
   static R select(R a, R b, R mask) { return _mm256_blendv_ps(a, b, mask); }
@@ -304,19 +303,19 @@ struct Avx2<double> {
   static void store(double* p, R v) { _mm256_storeu_pd(p, v); }
   static R mate(R v) { return _mm256_permute_pd(v, 0x5); }
   static R nan(R v) { return _mm256_cmp_pd(v, v, _CMP_UNORD_Q); }
-  static R less(R a, R b) { return _mm256_cmp_pd(a, b, _CMP_LT_OQ); }
-  static R either(R a, R b) { return _mm256_or_pd(a, b); }
+  static R not_at_most(R a, R b) { return _mm256_cmp_pd(a, b, _CMP_NLE_UQ); }  // !(a <= b)
   static R but_not(R a, R b) { return _mm256_andnot_pd(a, b); }
   static R even_to_odd(R v) { return _mm256_movedup_pd(v); }
   static R select(R a, R b, R mask) { return _mm256_blendv_pd(a, b, mask); }
 };
 
-// All ones in both lanes of each pair (a, b) whose b sorts strictly before a.
+// All ones in both lanes of each pair (a, b) whose b sorts strictly before a: b < a, or a is
+// NaN and b is not; that is !(a <= b) (true when either is NaN) and b is not NaN.
 template <typename T>
 inline typename Avx2<T>::R pair_swap(typename Avx2<T>::R v) {
   using A = Avx2<T>;
   const typename A::R mate = A::mate(v);
-  return A::even_to_odd(A::either(A::less(mate, v), A::but_not(A::nan(mate), A::nan(v))));
+  return A::even_to_odd(A::but_not(A::nan(mate), A::not_at_most(v, mate)));
 }
 
 // n adjacent pairs: out = sorted x (g == nullptr) or g routed back by the order of x.

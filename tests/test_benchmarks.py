@@ -11,8 +11,9 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from benchmarks import compare, targets
+from benchmarks import cases, compare, targets
 from benchmarks.harness import saved_activation_bytes
+from crvae_ext import reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,3 +84,16 @@ def test_pytest_benchmark_files_run_and_print_ratios():
         in summary
     )
     assert "-power_iteration[torch]]" in summary
+
+
+def test_groupsort_backward_group_times_each_backward():
+    """Each case of the backward-alone group is its op's gradient (ReLU's mask, GroupSort's
+    routing by the reference), again on every call over the kept graph."""
+    group = cases.groupsort_backward_group(4, 8, "cpu")
+    torch.manual_seed(0)  # the group's own draws, in its order
+    x = torch.randn(4, 8)
+    grad = torch.randn_like(x)
+    for name, case in group.cases.items():
+        want = grad * (x > 0) if name == "relu" else reference.groupsort_backward(grad, x, 2, 1)
+        for _ in range(2):
+            assert torch.equal(case()[0], want), name

@@ -3,6 +3,8 @@ CUDA): forward and backward against independent oracles (torch.sort on the group
 in every layout and dtype, ties, NaN and signed zeros bit for bit, opcheck, double backward and
 torch.func transforms, the GroupSort and MaxMin modules, and bad arguments."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -553,15 +555,41 @@ def test_every_gradient_layout_matches_the_oracle(backend, monkeypatch):
         "rows_expanded": torch.randn(6, 1, dtype=torch.float64).expand(6, 16),
         "transposed": torch.randn(16, 6, dtype=torch.float64).t(),
     }
-    calls = []
-    kernels = crvae_ext._backend.kernels(backend)
-    original = kernels.groupsort_backward
-    monkeypatch.setattr(kernels, "groupsort_backward", lambda *a: calls.append(1) or original(*a))
     for name, grad in layouts.items():
-        calls.clear()
         leaf = x.clone().requires_grad_(True)
-        (got,) = torch.autograd.grad(F.groupsort(leaf, 4, 1, backend=backend), leaf, grad)
+        with _kernel_calls(backend, "groupsort_backward", monkeypatch) as calls:
+            (got,) = torch.autograd.grad(F.groupsort(leaf, 4, 1, backend=backend), leaf, grad)
         oracle = x.clone().requires_grad_(True)
         (want,) = torch.autograd.grad(sort_oracle(oracle, 4, 1), oracle, grad)
         assert torch.equal(got, want), name
-        assert (calls == []) == name.endswith("expanded"), name
+        assert (calls() == 0) == name.endswith("expanded"), name
+
+
+@contextlib.contextmanager
+def _kernel_calls(backend: str, name: str, monkeypatch):
+    """Counts the backend's kernel ``name`` calls within: Python kernels by a wrapper, the cpp
+    backend's (called from its C++ autograd node too) by the profiler's record of the op."""
+    if backend == "cpp":
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            yield lambda: sum(
+                e.count for e in prof.key_averages() if e.key == f"crvae_ext_cpp::{name}"
+            )
+        return
+    calls = []
+    kernels = crvae_ext._backend.kernels(backend)
+    original = getattr(kernels, name)
+    monkeypatch.setattr(kernels, name, lambda *a: calls.append(1) or original(*a))
+    yield lambda: len(calls)
+    monkeypatch.undo()
+
+
+@needs_cpp
+def test_cpp_autograd_node_is_the_cpp_one_in_eager_mode():
+    """Plain eager on the cpp backend records its C++ node (no Python node per call); under a
+    torch.func transform the public op's Python formula runs instead."""
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    assert type(F.groupsort(x, 2, 1, backend="cpp").grad_fn).__name__ == "CppFunction"
+    assert type(F.groupsort(x, 2, 1, backend="torch").grad_fn).__name__ != "CppFunction"
+    grad = torch.randn(4, 8, dtype=torch.float64)
+    got = torch.func.vjp(lambda t: F.groupsort(t, 2, 1, backend="cpp"), x)[1](grad)[0]
+    assert torch.equal(got, reference.groupsort_backward(grad, x.detach(), 2, 1))

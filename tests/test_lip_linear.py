@@ -192,6 +192,48 @@ def test_cpp_gradients_match_naive_formula(bias):
 
 
 @needs_cpp
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("wants", [(1, 1, 1), (0, 1, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1)])
+def test_cpp_autograd_node_for_every_needs(bias, wants):
+    """Plain eager on the cpp backend records its C++ node; every subset of (x, W, b) that needs
+    a gradient (x without one: the saved y enters) against autograd of the naive formula."""
+    if not bias and wants == (0, 0, 1):
+        pytest.skip("no bias to differentiate")
+    x, w, b, _, u, v = _lip_problem(torch.float64, bias)
+    k = 1.7
+    scale = (k / torch.dot(u, w @ v)).detach()
+    for t, want in zip((x, w, b), wants, strict=True):
+        if t is not None:
+            t.requires_grad_(bool(want))
+    out = F.lip_linear(x, w, b, scale, u, v, k, backend="cpp")
+    assert type(out.grad_fn).__name__ == "CppFunction"
+    inputs = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    grad = torch.randn(out.shape, dtype=torch.float64)
+    got = torch.autograd.grad(out, inputs, grad)
+    want = torch.autograd.grad(naive_lip_linear(x, w, b, u, v, k), inputs, grad)
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+@needs_cpp
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_cpp_autograd_node_double_backward(x_grad):
+    """create_graph through the C++ node (its ATen formula) without a bias, with and without a
+    gradient for x, against finite differences of the whole formula."""
+    torch.manual_seed(1)
+    w = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=x_grad)
+    _, u, v = reference.power_iteration(w, torch.ones(6, dtype=torch.float64) / 6**0.5, 50)
+
+    def f(*inputs):
+        xx, ww = inputs if x_grad else (x, inputs[0])
+        scale = (1.3 / torch.dot(u, ww @ v)).detach()
+        return F.lip_linear(xx, ww, None, scale, u, v, 1.3, backend="cpp")
+
+    assert torch.autograd.gradgradcheck(f, (x, w) if x_grad else (w,))
+
+
+@needs_cpp
 def test_opcheck_cpp_kernels():
     """The crvae_ext_cpp ops are the backend's kernels (no autograd of their own)."""
     x, w, b, scale, u, v = _lip_problem(torch.float32, True)

@@ -145,6 +145,12 @@ def groupsort_backward(
     return _op("groupsort_backward")(grad, x, group_size, dim)
 
 
+def groupsort_autograd(x: torch.Tensor, group_size: int, dim: int) -> torch.Tensor:
+    """``groupsort`` with its autograd node in C++ (csrc/autograd.cpp): the public op's formula,
+    for plain eager mode, without a Python node's per-call cost."""
+    return _op("groupsort_autograd")(x, group_size, dim)
+
+
 def power_iteration(
     weight: torch.Tensor, v: torch.Tensor, n_iters: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -158,6 +164,20 @@ def lip_linear(
 ) -> torch.Tensor:
     """y = scale * (x W^T) + b as one GEMM with alpha = scale."""
     return _op("lip_linear")(x, weight, bias, scale)
+
+
+def lip_linear_autograd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    lipschitz: float,
+) -> torch.Tensor:
+    """``lip_linear`` with its autograd node in C++ (csrc/autograd.cpp): the public op's formula,
+    for plain eager mode, without a Python node's per-call cost."""
+    return _op("lip_linear_autograd")(x, weight, bias, scale, u, v, lipschitz)
 
 
 def lip_linear_backward(

@@ -33,13 +33,18 @@ class ScaledToK(nn.Module):
     def _store(self, sigma: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> None:
         """Copy a power-iteration result into the buffers, unless it came from a zero operator
         (A v = 0), which would leave a zero state no later weight could recover from."""
+        if sigma.is_cpu and not torch.compiler.is_compiling():  # a host value: no device sync
+            if sigma.item() > 0:
+                self.u.copy_(u)
+                self.v.copy_(v)
+            return
         moved = sigma > 0
         self.u.copy_(torch.where(moved, u, self.u))
         self.v.copy_(torch.where(moved, v, self.v))
 
     def _scale(self, sigma: torch.Tensor) -> torch.Tensor:
         """k / sigma_hat as a 0-d tensor (fp32, fp64 for fp64): the exact factor applied."""
-        return self._lipschitz / sigma.clamp_min(SIGMA_FLOOR)
+        return sigma.clamp_min(SIGMA_FLOOR).reciprocal().mul_(self._lipschitz)  # = k / sigma
 
     def _apply(self, fn, recurse: bool = True):
         """Refuse a dtype the constant k cannot be represented in, before converting."""

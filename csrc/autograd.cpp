@@ -1,0 +1,148 @@
+// Autograd nodes in C++ for the cpp backend in plain eager mode: the same formulas as the
+// public ops' (crvae_ext/ops.py), without a Python node's per-call cost in forward and backward.
+//
+// groupsort_autograd: forward is the groupsort kernel; backward routes the gradient back by the
+// order recomputed from x (groupsort_backward). A gradient with stride 0 along dim (y.sum()) is
+// equal inside every group, so no permutation moves it: it is passed on as it is. Under
+// create_graph the backward calls the public op crvae_ext::groupsort_backward, whose own
+// autograd (ops.py) differentiates it again.
+//
+// lip_linear_autograd: forward is the lip_linear kernel; backward is lip_linear_backward, y
+// saved only when x needs no gradient (else <grad_x, x> stands in for <G, y - b>). Under
+// create_graph the gradients are built from differentiable ATen ops, with sigma = u^T W v
+// recomputed from W: the expressions of ops._lip_linear_grads_differentiable.
+#include <ATen/OpMathType.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+namespace crvae_ext_cpp {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using Groupsort = at::Tensor(const at::Tensor&, int64_t, int64_t);
+using GroupsortBackward = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t);
+using PublicGroupsortBackward =
+    at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t, c10::string_view);
+using OptionalTensor = std::optional<at::Tensor>;
+using LipLinear = at::Tensor(const at::Tensor&, const at::Tensor&, const OptionalTensor&,
+                             const at::Tensor&);
+using LipLinearBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptionalTensor&,
+    const OptionalTensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+    std::array<bool, 3>);
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+class GroupsortFunction : public torch::autograd::Function<GroupsortFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, int64_t group_size,
+                            int64_t dim) {
+    static const auto op = find_op<Groupsort>("crvae_ext_cpp::groupsort");
+    ctx->save_for_backward({x});
+    ctx->saved_data["group_size"] = group_size;
+    ctx->saved_data["dim"] = dim;
+    return op.call(x, group_size, dim);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor x = ctx->get_saved_variables()[0];
+    const int64_t group_size = ctx->saved_data["group_size"].toInt();
+    const int64_t dim = ctx->saved_data["dim"].toInt();
+    const at::Tensor& grad = grads[0];
+    if (at::GradMode::is_enabled()) {
+      static const auto op =
+          find_op<PublicGroupsortBackward>("crvae_ext::groupsort_backward");
+      return {op.call(grad, x, group_size, dim, "cpp"), at::Tensor(), at::Tensor()};
+    }
+    if (grad.stride(dim) == 0) return {grad, at::Tensor(), at::Tensor()};
+    static const auto op = find_op<GroupsortBackward>("crvae_ext_cpp::groupsort_backward");
+    return {op.call(grad.contiguous(), x, group_size, dim), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor groupsort_autograd(const at::Tensor& x, int64_t group_size, int64_t dim) {
+  return GroupsortFunction::apply(x, group_size, dim);
+}
+
+OptionalTensor optional(const at::Tensor& t) {
+  return t.defined() ? OptionalTensor(t) : std::nullopt;
+}
+
+// (grad_x, grad_w, grad_b) from differentiable ATen ops; undefined where not needed.
+std::array<at::Tensor, 3> differentiable_grads(const at::Tensor& grad, const at::Tensor& x,
+                                               const at::Tensor& weight, const at::Tensor& u,
+                                               const at::Tensor& v, double lipschitz,
+                                               std::array<bool, 3> needs) {
+  const at::ScalarType acc = at::toOpMathType(x.scalar_type());
+  const at::Tensor w = weight.to(acc), g = grad.to(acc);
+  const at::Tensor sigma = u.to(acc).dot(w.mv(v.to(acc)));
+  const at::Tensor s = sigma.reciprocal().mul(lipschitz);
+  std::array<at::Tensor, 3> out;
+  if (needs[0]) out[0] = g.mm(w).mul(s).to(x.scalar_type());
+  if (needs[1]) {
+    const at::Tensor xa = x.to(acc);
+    const at::Tensor inner = g.mul(xa.mm(w.t())).sum();
+    const at::Tensor rank1 = u.to(acc).outer(v.to(acc)).mul(s.div(sigma).mul(inner));
+    out[1] = g.t().mm(xa).mul(s).sub(rank1).to(weight.scalar_type());
+  }
+  if (needs[2]) out[2] = grad.sum(0);
+  return out;
+}
+
+class LipLinearFunction : public torch::autograd::Function<LipLinearFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const OptionalTensor& bias, const at::Tensor& scale,
+                            const at::Tensor& u, const at::Tensor& v, double lipschitz) {
+    static const auto op = find_op<LipLinear>("crvae_ext_cpp::lip_linear");
+    at::Tensor out = op.call(x, weight, bias, scale);
+    const at::Tensor kept = x.requires_grad() ? at::Tensor() : out;
+    ctx->save_for_backward({x, weight, bias.value_or(at::Tensor()), scale, u, v, kept});
+    ctx->saved_data["lipschitz"] = lipschitz;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &scale = saved[3];
+    const at::Tensor &u = saved[4], &v = saved[5], &out = saved[6];
+    const double lipschitz = ctx->saved_data["lipschitz"].toDouble();
+    // the node's inputs are its tensor arguments: bias is input 2 only when it is given
+    const std::array<bool, 3> needs = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                       bias.defined() && ctx->needs_input_grad(2)};
+    std::array<at::Tensor, 3> g;
+    if (at::GradMode::is_enabled()) {
+      g = differentiable_grads(grads[0], x, weight, u, v, lipschitz, needs);
+    } else {
+      static const auto op = find_op<LipLinearBackward>("crvae_ext_cpp::lip_linear_backward");
+      std::tie(g[0], g[1], g[2]) = op.call(grads[0], x, weight, optional(bias), optional(out),
+                                           scale, u, v, lipschitz, needs);
+    }
+    return {g[0], g[1], g[2], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor lip_linear_autograd(const at::Tensor& x, const at::Tensor& weight,
+                               const OptionalTensor& bias, const at::Tensor& scale,
+                               const at::Tensor& u, const at::Tensor& v, double lipschitz) {
+  return LipLinearFunction::apply(x, weight, bias, scale, u, v, lipschitz);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(crvae_ext_cpp, CompositeImplicitAutograd, m) {
+  m.impl("groupsort_autograd", &groupsort_autograd);
+  m.impl("lip_linear_autograd", &lip_linear_autograd);
+}
+
+}  // namespace crvae_ext_cpp
