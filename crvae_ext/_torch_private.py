@@ -40,6 +40,13 @@ def has_kernel(op_name: str, dispatch_key: str) -> bool:
     return False if _has_kernel is None else bool(_has_kernel(op_name, dispatch_key))
 
 
+def op_callable(overload: Callable) -> Callable:
+    """The C++ callable an OpOverload's ``__call__`` forwards to (one Python frame less per
+    call); the overload itself where this torch lays it out differently."""
+    inner = getattr(overload, "_op", None)
+    return inner if callable(inner) else overload
+
+
 def assume_constant_result(fn: Callable) -> Callable:
     """``torch.compiler.assume_constant_result`` without its import of torch._dynamo (seconds
     at ``import crvae_ext``): the mark it sets, which tests/test_backend.py checks against it."""

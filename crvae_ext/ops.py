@@ -93,8 +93,11 @@ for _name, _op in _PUBLIC.items():
 
 @functools.cache
 def _kernel(name: str, backend: str) -> Callable | None:
-    """Backend ``backend``'s function ``name``, or None where it has none."""
-    return getattr(_backend.kernels(backend), name, None)
+    """Backend ``backend``'s function ``name`` (or the op it only forwards to, where the backend
+    says so: ``direct``), or None where it has none."""
+    table = _backend.kernels(backend)
+    direct = getattr(table, "direct", None)
+    return (direct(name) if direct is not None else None) or getattr(table, name, None)
 
 
 def call(name: str, backend: str, *args: Any) -> Any:

@@ -15,6 +15,7 @@ import re
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -131,6 +132,16 @@ def _op(name: str) -> torch._ops.OpOverload:
     if reason is not None:
         raise RuntimeError(f"the cpp backend is unusable: {reason}")
     return getattr(getattr(torch.ops, _build.LIBRARY_NAME), name).default
+
+
+_FORWARDED = ("groupsort", "groupsort_backward", "groupsort_autograd", "lip_linear",
+              "lip_linear_autograd")  # fmt: skip
+
+
+def direct(name: str) -> Callable | None:
+    """The op itself for the kernels below that only pass their arguments on to it (Python
+    calls less per use), else None."""
+    return _torch_private.op_callable(_op(name)) if name in _FORWARDED else None
 
 
 def groupsort(x: torch.Tensor, group_size: int, dim: int) -> torch.Tensor:
