@@ -87,6 +87,7 @@ TARGETS = (
         for n in (1024, 4096)
     ),
     Target("lip_conv2d_vs_conv2d", "cpu", "lip_conv2d train B=128 64->64 32x32", "lipconv2d", 1.15),
+    Target("vae_step_vs_standard", "cpu", "vae_step Adam B=128", "lipschitz_vae[cpp]", 1.08),
     Target(
         "certify_vs_encode", "cpu", "certify 1024 inputs in batches of 128", "certify_fast", 1.5
     ),
