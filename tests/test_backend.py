@@ -9,7 +9,7 @@ from helpers import needs_cpp, needs_interpreter
 
 import crvae_ext
 import crvae_ext.functional as F
-from crvae_ext import _backend, ops, reference
+from crvae_ext import _backend, _cpp, _torch_private, ops, reference
 
 if _backend.unusable_reason("triton", "cpu") is None:
     from crvae_ext._triton import _common, kernels
@@ -113,6 +113,24 @@ def test_plain_eager_calls_the_kernel_and_tracing_the_public_op(monkeypatch):
     assert not _backend.plain_eager()
     assert torch.equal(ops.call("groupsort", "cpp", x, 2, 1), reference.groupsort(x, 2, 1))
     assert seen == ["op"]
+
+
+@needs_cpp
+def test_direct_kernels_are_the_ops_they_forward_to():
+    """The cpp backend's pass-through kernels are looked up as the ops' own callables (the
+    same results as the wrappers); other kernels and other backends keep their functions."""
+    x = torch.randn(4, 6)
+    direct = ops._kernel("groupsort", "cpp")
+    assert direct is not _cpp.groupsort and torch.equal(direct(x, 2, 1), _cpp.groupsort(x, 2, 1))
+    assert ops._kernel("power_iteration", "cpp") is _cpp.power_iteration
+    assert ops._kernel("groupsort", "torch") is reference.groupsort
+    assert ops._kernel("groupsort_autograd", "torch") is None
+
+    class Bare:  # an overload laid out differently: used as it is
+        pass
+
+    bare = Bare()
+    assert _torch_private.op_callable(bare) is bare
 
 
 @needs_interpreter
