@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -53,7 +54,7 @@ def markdown(rows: list[dict], env: str, limit: float) -> str:
         ratios = r["ratios"]
         within = sum(x <= limit for x in ratios)
         runs = ", ".join(f"{x:.3f}" for x in ratios)
-        median = sorted(ratios)[len(ratios) // 2]
+        median = statistics.median(ratios)
         lines.append(
             f"| B={r['batch']} {r['width']}x{r['width']} | {runs} | {median:.3f}x | "
             f"{within} of {len(ratios)} |"

@@ -296,7 +296,7 @@ def _differentiable(function: type[torch.autograd.Function], op: Callable, name:
 
     run.__doc__ = (
         "Differentiable op: its one autograd formula; in plain eager mode the kernel itself "
-        "when nothing needs a gradient."
+        "when nothing needs a gradient, and the backend's own node for it where it has one."
     )
     return run
 

@@ -8,7 +8,8 @@
 // autograd (ops.py) differentiates it again.
 //
 // lip_linear_autograd: forward is the lip_linear kernel; backward is lip_linear_backward, y
-// saved only when x needs no gradient (else <grad_x, x> stands in for <G, y - b>). Under
+// saved only when x needs no gradient (else <grad_x, x> stands in for <G, y - b>, and a backward
+// that asks for W alone computes grad_x for it and drops it). Under
 // create_graph the gradients are built from differentiable ATen ops, with sigma = u^T W v
 // recomputed from W: the expressions of ops._lip_linear_grads_differentiable.
 #include <ATen/OpMathType.h>
@@ -117,16 +118,22 @@ class LipLinearFunction : public torch::autograd::Function<LipLinearFunction> {
     const at::Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &scale = saved[3];
     const at::Tensor &u = saved[4], &v = saved[5], &out = saved[6];
     const double lipschitz = ctx->saved_data["lipschitz"].toDouble();
-    // the node's inputs are its tensor arguments: bias is input 2 only when it is given
-    const std::array<bool, 3> needs = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-                                       bias.defined() && ctx->needs_input_grad(2)};
+    // what this backward pass asks for (autograd.grad may ask for W alone even though x
+    // requires a gradient); the node's inputs are its tensor arguments, so bias is input 2
+    // only when it is given
+    const bool need_x = ctx->needs_input_grad(0);
+    std::array<bool, 3> needs = {need_x, ctx->needs_input_grad(1),
+                                 bias.defined() && ctx->needs_input_grad(2)};
     std::array<at::Tensor, 3> g;
     if (at::GradMode::is_enabled()) {
       g = differentiable_grads(grads[0], x, weight, u, v, lipschitz, needs);
     } else {
+      // without the saved y, grad_x is what gives <G, y - b> (= <grad_x, x>) to dW
+      needs[0] = need_x || (needs[1] && !out.defined());
       static const auto op = find_op<LipLinearBackward>("crvae_ext_cpp::lip_linear_backward");
       std::tie(g[0], g[1], g[2]) = op.call(grads[0], x, weight, optional(bias), optional(out),
                                            scale, u, v, lipschitz, needs);
+      if (!need_x) g[0] = at::Tensor();
     }
     return {g[0], g[1], g[2], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }

@@ -216,6 +216,30 @@ def test_cpp_autograd_node_for_every_needs(bias, wants):
 
 
 @needs_cpp
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("how", ["grad", "backward_inputs"])
+def test_cpp_autograd_node_asked_for_the_weight_alone(bias, how):
+    """x requires a gradient (so y is not saved) but this backward asks for W alone, as when
+    only a decoder's parameters are differentiated: <G, y - b> still comes out right."""
+    x, w, b, _, u, v = _lip_problem(torch.float64, bias)
+    k = 1.7
+    scale = (k / torch.dot(u, w @ v)).detach()
+    for t in (x, w, b):
+        if t is not None:
+            t.requires_grad_(True)
+    grad = torch.randn(x.shape[0], w.shape[0], dtype=torch.float64)
+    out = F.lip_linear(x, w, b, scale, u, v, k, backend="cpp")
+    if how == "grad":
+        (got,) = torch.autograd.grad(out, [w], grad)
+    else:
+        out.backward(grad, inputs=[w])
+        got = w.grad
+        assert x.grad is None and (b is None or b.grad is None)
+    (want,) = torch.autograd.grad(naive_lip_linear(x, w, b, u, v, k), [w], grad)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@needs_cpp
 @pytest.mark.parametrize("x_grad", [True, False])
 def test_cpp_autograd_node_double_backward(x_grad):
     """create_graph through the C++ node (its ATen formula) without a bias, with and without a

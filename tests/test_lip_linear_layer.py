@@ -461,3 +461,14 @@ def test_liplinear_input_errors(method):
         TypeError, match=r"x has dtype torch.float64 but weight has dtype torch.float32"
     ):
         layer(torch.randn(2, 4, dtype=torch.float64))
+
+
+def test_training_forward_traces_with_make_fx():
+    """A train-mode forward under a dispatch mode (make_fx) updates its buffers without reading
+    sigma on the host (the CPU fast path is for plain eager calls)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    layer = LipLinear(6, 4)
+    x = torch.randn(3, 6)
+    graph = make_fx(lambda t: layer(t), tracing_mode="real")(x)
+    assert any(n.op == "call_function" for n in graph.graph.nodes)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import _checks
+from .. import _checks, _torch_private
 
 SIGMA_FLOOR = 1e-12  # sigma_hat below it is taken as this (a zero weight gives a finite scale)
 
@@ -33,7 +33,7 @@ class ScaledToK(nn.Module):
     def _store(self, sigma: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> None:
         """Copy a power-iteration result into the buffers, unless it came from a zero operator
         (A v = 0), which would leave a zero state no later weight could recover from."""
-        if sigma.is_cpu and not torch.compiler.is_compiling():  # a host value: no device sync
+        if sigma.is_cpu and not _torch_private.tracing(sigma):  # a host value: no device sync
             if sigma.item() > 0:
                 self.u.copy_(u)
                 self.v.copy_(v)
