@@ -92,7 +92,7 @@ for _name, _op in _PUBLIC.items():
 
 
 @functools.cache
-def _kernel(name: str, backend: str) -> Callable | None:
+def kernel(name: str, backend: str) -> Callable | None:
     """Backend ``backend``'s function ``name`` (or the op it only forwards to, where the backend
     says so: ``direct``), or None where it has none."""
     table = _backend.kernels(backend)
@@ -106,7 +106,7 @@ def call(name: str, backend: str, *args: Any) -> Any:
     torch.compile, export and functorch see it. ``lip_linear_backward`` has no public op (it
     returns optional tensors); its kernels are traceable as they are."""
     if name not in _PUBLIC or _backend.plain_eager():
-        return _kernel(name, backend)(*args)
+        return kernel(name, backend)(*args)
     return _PUBLIC[name](*args, backend)
 
 
@@ -156,7 +156,7 @@ class _GroupSort(torch.autograd.Function):
     @staticmethod
     def kernel(x, group_size, dim, backend):
         """The backend's kernel on the op's arguments (plain eager mode only)."""
-        return _kernel("groupsort", backend)(x, group_size, dim)
+        return kernel("groupsort", backend)(x, group_size, dim)
 
     @staticmethod
     def forward(x, group_size, dim, backend):
@@ -195,7 +195,7 @@ class _LipLinear(torch.autograd.Function):
     @staticmethod
     def kernel(x, weight, bias, scale, u, v, lipschitz, backend):
         """The backend's kernel on the op's arguments (plain eager mode only)."""
-        return _kernel("lip_linear", backend)(x, weight, bias, scale)
+        return kernel("lip_linear", backend)(x, weight, bias, scale)
 
     @staticmethod
     def forward(x, weight, bias, scale, u, v, lipschitz, backend):
@@ -288,7 +288,7 @@ def _differentiable(function: type[torch.autograd.Function], op: Callable, name:
         if not _backend.plain_eager():  # compile traces the op and its registered autograd
             return op(*args) if torch.compiler.is_compiling() else function.apply(*args)
         if torch.is_grad_enabled() and any(map(_requires_grad, args)):
-            native = _kernel(native_name, args[-1])
+            native = kernel(native_name, args[-1])
             if native is not None:  # the backend's own node for this formula (cpp: in C++)
                 return native(*args[:-1])
             return _torch_private.apply_function(function, *args)

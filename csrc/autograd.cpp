@@ -12,6 +12,12 @@
 // that asks for W alone computes grad_x for it and drops it). Under
 // create_graph the gradients are built from differentiable ATen ops, with sigma = u^T W v
 // recomputed from W: the expressions of ops._lip_linear_grads_differentiable.
+//
+// lip_linear_train: LipLinear's whole training forward in one call, as the layer's Python path
+// does it (modules/lip_linear.py: _iterate, then functional.lip_linear): n power-iteration steps
+// from the buffer v, the buffers u, v overwritten unless sigma is 0 (or NaN), the scale
+// k / max(sigma, floor) computed as reciprocal times k, then lip_linear_autograd. CPU tensors:
+// sigma is read on the host.
 #include <ATen/OpMathType.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -34,6 +40,8 @@ using PublicGroupsortBackward =
 using OptionalTensor = std::optional<at::Tensor>;
 using LipLinear = at::Tensor(const at::Tensor&, const at::Tensor&, const OptionalTensor&,
                              const at::Tensor&);
+using PowerIteration =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t);
 using LipLinearBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptionalTensor&,
     const OptionalTensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
@@ -145,11 +153,30 @@ at::Tensor lip_linear_autograd(const at::Tensor& x, const at::Tensor& weight,
   return LipLinearFunction::apply(x, weight, bias, scale, u, v, lipschitz);
 }
 
+at::Tensor lip_linear_train(const at::Tensor& x, const at::Tensor& weight,
+                            const OptionalTensor& bias, at::Tensor& u, at::Tensor& v,
+                            int64_t n_iters, double lipschitz, double sigma_floor) {
+  TORCH_CHECK(weight.is_cpu(), "lip_linear_train: CPU tensors only (sigma is read on the host)");
+  static const auto op = find_op<PowerIteration>("crvae_ext_cpp::power_iteration");
+  at::Tensor sigma, u_new, v_new, scale;
+  {
+    const at::NoGradGuard no_grad;
+    std::tie(sigma, u_new, v_new) = op.call(weight.detach(), v, n_iters);
+    if (sigma.item<double>() > 0) {
+      u.copy_(u_new);
+      v.copy_(v_new);
+    }
+    scale = sigma.clamp_min(sigma_floor).reciprocal().mul_(lipschitz);
+  }
+  return LipLinearFunction::apply(x, weight, bias, scale, u_new, v_new, lipschitz);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(crvae_ext_cpp, CompositeImplicitAutograd, m) {
   m.impl("groupsort_autograd", &groupsort_autograd);
   m.impl("lip_linear_autograd", &lip_linear_autograd);
+  m.impl("lip_linear_train", &lip_linear_train);
 }
 
 }  // namespace crvae_ext_cpp

@@ -120,11 +120,11 @@ def test_direct_kernels_are_the_ops_they_forward_to():
     """The cpp backend's pass-through kernels are looked up as the ops' own callables (the
     same results as the wrappers); other kernels and other backends keep their functions."""
     x = torch.randn(4, 6)
-    direct = ops._kernel("groupsort", "cpp")
+    direct = ops.kernel("groupsort", "cpp")
     assert direct is not _cpp.groupsort and torch.equal(direct(x, 2, 1), _cpp.groupsort(x, 2, 1))
-    assert ops._kernel("power_iteration", "cpp") is _cpp.power_iteration
-    assert ops._kernel("groupsort", "torch") is reference.groupsort
-    assert ops._kernel("groupsort_autograd", "torch") is None
+    assert ops.kernel("power_iteration", "cpp") is _cpp.power_iteration
+    assert ops.kernel("groupsort", "torch") is reference.groupsort
+    assert ops.kernel("groupsort_autograd", "torch") is None
 
     class Bare:  # an overload laid out differently: used as it is
         pass

@@ -2,16 +2,17 @@
 nn.Linear; its eval state, state dict, export, transforms and bad arguments.
 The op itself: tests/test_lip_linear.py."""
 
+import copy
 import io
 
 import pytest
 import torch
-from helpers import lipschitz_ascent, naive_lip_linear
+from helpers import lipschitz_ascent, naive_lip_linear, needs_cpp
 from torch import nn
 
 import crvae_ext
 import crvae_ext.functional as F
-from crvae_ext import LipLinear, reference
+from crvae_ext import LipLinear, ops, reference
 
 SHAPES = {"square": (48, 48), "tall": (64, 24), "wide": (24, 64)}
 
@@ -472,3 +473,71 @@ def test_training_forward_traces_with_make_fx():
     x = torch.randn(3, 6)
     graph = make_fx(lambda t: layer(t), tracing_mode="real")(x)
     assert any(n.op == "call_function" for n in graph.graph.nodes)
+
+
+def _counting_fused_calls(monkeypatch) -> list[int]:
+    """Calls of the backend's fused training forward from here on, one entry each."""
+    calls: list[int] = []
+    real = ops.kernel
+
+    def spy(name: str, backend: str):
+        found = real(name, backend)
+        if name != "lip_linear_train" or found is None:
+            return found
+        return lambda *args: calls.append(1) or found(*args)
+
+    monkeypatch.setattr(ops, "kernel", spy)
+    return calls
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_training_forward_equals_the_python_path(dtype, bias, monkeypatch):
+    """The cpp backend's one-call training forward (lip_linear_train, taken in plain eager
+    mode) against the layer's Python path (_iterate, then F.lip_linear) from the same state,
+    over five SGD steps on a 3-D input: outputs, gradients and the buffers, bit for bit."""
+    torch.manual_seed(0)
+    fused = LipLinear(12, 7, bias=bias, lipschitz=2.5, n_power_iterations=2, backend="cpp",
+                      dtype=dtype)  # fmt: skip
+    plain = copy.deepcopy(fused)
+    x = torch.randn(2, 5, 12, dtype=dtype, requires_grad=True)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (fused, plain)]
+    calls = _counting_fused_calls(monkeypatch)
+
+    def python_path():
+        return F.lip_linear(x, plain.weight, plain.bias, *plain._iterate(), 2.5, "cpp")
+
+    for step in range(5):
+        out_fused = fused(x)
+        out_plain = python_path()
+        assert calls == [1] * (step + 1)  # the fused path ran for the layer, not for F
+        outs = [out_fused, out_plain]
+        assert torch.equal(outs[0], outs[1]), step
+        grads = []
+        for out, opt, module in zip(outs, opts, (fused, plain), strict=True):
+            opt.zero_grad()
+            grads.append(torch.autograd.grad(out.square().sum(), [x, *module.parameters()]))
+            for p, g in zip(module.parameters(), grads[-1][1:], strict=True):
+                p.grad = g
+            opt.step()
+        for a, b in zip(*grads, strict=True):
+            assert torch.equal(a, b), step
+        for a, b in zip(
+            (fused.weight, fused.u, fused.v), (plain.weight, plain.u, plain.v), strict=True
+        ):
+            assert torch.equal(a, b), step
+
+
+@needs_cpp
+def test_fused_training_forward_keeps_a_zero_weights_state(monkeypatch):
+    """A zero weight (sigma = 0) leaves the buffers as they were and gives a finite scale on
+    the fused path, as on the Python path."""
+    layer = LipLinear(5, 3, backend="cpp")
+    with torch.no_grad():
+        layer.weight.zero_()
+    u, v = layer.u.clone(), layer.v.clone()
+    calls = _counting_fused_calls(monkeypatch)
+    out = layer(torch.randn(4, 5))
+    assert calls == [1] and torch.equal(layer.u, u) and torch.equal(layer.v, v)
+    assert torch.equal(out, layer.bias.detach().expand(4, 3))

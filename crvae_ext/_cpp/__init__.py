@@ -135,7 +135,7 @@ def _op(name: str) -> torch._ops.OpOverload:
 
 
 _FORWARDED = ("groupsort", "groupsort_backward", "groupsort_autograd", "lip_linear",
-              "lip_linear_autograd")  # fmt: skip
+              "lip_linear_autograd", "lip_linear_train")  # fmt: skip
 
 
 def direct(name: str) -> Callable | None:
@@ -189,6 +189,22 @@ def lip_linear_autograd(
     """``lip_linear`` with its autograd node in C++ (csrc/autograd.cpp): the public op's formula,
     for plain eager mode, without a Python node's per-call cost."""
     return _op("lip_linear_autograd")(x, weight, bias, scale, u, v, lipschitz)
+
+
+def lip_linear_train(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    n_iters: int,
+    lipschitz: float,
+    sigma_floor: float,
+) -> torch.Tensor:
+    """LipLinear's training forward in one C++ call (csrc/autograd.cpp, CPU tensors): the power
+    iteration from the buffer ``v``, the buffers ``u``, ``v`` updated in place unless sigma is
+    0, the scale k / max(sigma, floor), then ``lip_linear_autograd``."""
+    return _op("lip_linear_train")(x, weight, bias, u, v, n_iters, lipschitz, sigma_floor)
 
 
 def lip_linear_backward(

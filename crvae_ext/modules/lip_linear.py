@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import _backend, _checks, _state, _torch_private, bounds
+from .. import _backend, _checks, _state, _torch_private, bounds, ops
 from .. import functional as F
 from ._scaled import SIGMA_FLOOR, ScaledToK, _refresh
 
@@ -214,11 +214,34 @@ class LipLinear(ScaledToK):
         return F.bjorck(w, self.bjorck_iterations) * self._lipschitz
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.method == "spectral":
+            fused = self._fused_training_forward(x)
+            if fused is not None:
+                return fused
         state = self._iterate() if self.training else self._eval_state()
         if self.method == "spectral":
             return F.lip_linear(x, self.weight, self.bias, *state, self._lipschitz, self.backend)
         F.check_linear_input(x, self.weight)
         return nn.functional.linear(x, self._bjorck_weight(state[0]), self.bias)
+
+    def _fused_training_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The training forward as one call of the backend's ``lip_linear_train`` (the cpp
+        backend's, in C++: ``_iterate``'s steps then ``F.lip_linear``'s op, without their
+        per-call Python and small ops), for CPU tensors in plain eager mode; None elsewhere."""
+        if not (isinstance(x, torch.Tensor) and x.is_cpu and self.weight.is_cpu):
+            return None
+        if not _backend.plain_eager() or _torch_private.tracing(x):
+            return None
+        if type(self.weight) not in (nn.Parameter, torch.Tensor):  # a tensor subclass
+            return None
+        kernel = ops.kernel("lip_linear_train", _backend.resolve(self.backend, x.device))
+        if kernel is None:
+            return None
+        F.check_linear_input(x, self.weight)
+        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        out = kernel(flat, self.weight, self.bias, self.u, self.v, self.n_power_iterations,
+                     self._lipschitz, SIGMA_FLOOR)  # fmt: skip
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
     def _bjorck_weight(self, scale: torch.Tensor) -> torch.Tensor:
         """Björck weight: differentiable when gradients reach the weight, else cached in eval."""
