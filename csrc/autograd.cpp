@@ -156,7 +156,9 @@ at::Tensor lip_linear_autograd(const at::Tensor& x, const at::Tensor& weight,
 at::Tensor lip_linear_train(const at::Tensor& x, const at::Tensor& weight,
                             const OptionalTensor& bias, at::Tensor& u, at::Tensor& v,
                             int64_t n_iters, double lipschitz, double sigma_floor) {
-  TORCH_CHECK(weight.is_cpu(), "lip_linear_train: CPU tensors only (sigma is read on the host)");
+  TORCH_CHECK(x.is_cpu() && weight.is_cpu() && u.is_cpu() && v.is_cpu() &&
+                  (!bias.has_value() || !bias->defined() || bias->is_cpu()),
+              "lip_linear_train: CPU tensors only (sigma is read on the host)");
   static const auto op = find_op<PowerIteration>("crvae_ext_cpp::power_iteration");
   at::Tensor sigma, u_new, v_new, scale;
   {

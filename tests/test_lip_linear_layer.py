@@ -491,17 +491,18 @@ def _counting_fused_calls(monkeypatch) -> list[int]:
 
 
 @needs_cpp
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
-def test_fused_training_forward_equals_the_python_path(dtype, bias, monkeypatch):
+@pytest.mark.parametrize("shape", [(12,), (4, 12), (2, 5, 12)])
+def test_fused_training_forward_equals_the_python_path(dtype, bias, shape, monkeypatch):
     """The cpp backend's one-call training forward (lip_linear_train, taken in plain eager
     mode) against the layer's Python path (_iterate, then F.lip_linear) from the same state,
-    over five SGD steps on a 3-D input: outputs, gradients and the buffers, bit for bit."""
+    over five SGD steps: outputs, gradients and the buffers, bit for bit."""
     torch.manual_seed(0)
     fused = LipLinear(12, 7, bias=bias, lipschitz=2.5, n_power_iterations=2, backend="cpp",
                       dtype=dtype)  # fmt: skip
     plain = copy.deepcopy(fused)
-    x = torch.randn(2, 5, 12, dtype=dtype, requires_grad=True)
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
     opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (fused, plain)]
     calls = _counting_fused_calls(monkeypatch)
 
@@ -541,3 +542,36 @@ def test_fused_training_forward_keeps_a_zero_weights_state(monkeypatch):
     out = layer(torch.randn(4, 5))
     assert calls == [1] and torch.equal(layer.u, u) and torch.equal(layer.v, v)
     assert torch.equal(out, layer.bias.detach().expand(4, 3))
+
+
+@needs_cpp
+def test_fused_training_forward_falls_back_where_the_python_path_applies(monkeypatch):
+    """Overridden Python steps, a buffer on another device, a bad step count: the Python path
+    runs (with its override, or its clear error); under no_grad the fused path runs, graphless."""
+    calls = _counting_fused_calls(monkeypatch)
+    x = torch.randn(4, 12)
+
+    steps = []
+
+    class Counted(LipLinear):
+        def _scale(self, sigma):
+            steps.append(1)
+            return super()._scale(sigma)
+
+    Counted(12, 7, backend="cpp")(x)
+    layer = LipLinear(12, 7, backend="cpp")
+    layer(x)
+    assert steps == [1]
+    assert calls == [1]  # the plain layer only
+    layer.v = torch.empty(12, device="meta")
+    with pytest.raises(ValueError, match="v is on meta but weight is on cpu"):
+        layer(x)
+    layer = LipLinear(12, 7, backend="cpp")
+    layer.n_power_iterations = 0
+    with pytest.raises(ValueError, match="n_iters must be >= 1"):
+        layer(x)
+    assert calls == [1]
+    layer.n_power_iterations = 1
+    with torch.no_grad():
+        out = layer(x)
+    assert out.grad_fn is None and calls == [1, 1]

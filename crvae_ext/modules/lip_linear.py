@@ -218,21 +218,20 @@ class LipLinear(ScaledToK):
             fused = self._fused_training_forward(x)
             if fused is not None:
                 return fused
+        F.check_linear_input(x, self.weight)  # before the buffers advance
         state = self._iterate() if self.training else self._eval_state()
         if self.method == "spectral":
             return F.lip_linear(x, self.weight, self.bias, *state, self._lipschitz, self.backend)
-        F.check_linear_input(x, self.weight)
         return nn.functional.linear(x, self._bjorck_weight(state[0]), self.bias)
 
     def _fused_training_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The training forward as one call of the backend's ``lip_linear_train`` (the cpp
         backend's, in C++: ``_iterate``'s steps then ``F.lip_linear``'s op, without their
-        per-call Python and small ops), for CPU tensors in plain eager mode; None elsewhere."""
-        if not (isinstance(x, torch.Tensor) and x.is_cpu and self.weight.is_cpu):
+        per-call Python and small ops), for CPU tensors in plain eager mode; None elsewhere,
+        and wherever the Python path would raise (it then says why)."""
+        if not (isinstance(x, torch.Tensor) and x.is_cpu and self._fusable()):
             return None
         if not _backend.plain_eager() or _torch_private.tracing(x):
-            return None
-        if type(self.weight) not in (nn.Parameter, torch.Tensor):  # a tensor subclass
             return None
         kernel = ops.kernel("lip_linear_train", _backend.resolve(self.backend, x.device))
         if kernel is None:
@@ -242,6 +241,25 @@ class LipLinear(ScaledToK):
         out = kernel(flat, self.weight, self.bias, self.u, self.v, self.n_power_iterations,
                      self._lipschitz, SIGMA_FLOOR)  # fmt: skip
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
+
+    def _fusable(self) -> bool:
+        """The layer's own state fits the one-call forward: plain CPU tensors of matching
+        shapes, a valid step count, and ``_iterate``/``_store``/``_scale`` not overridden."""
+        w, b, u, v = self.weight, self.bias, self.u, self.v
+        if type(w) not in (nn.Parameter, torch.Tensor) or w.dim() != 2:  # subclasses: Python
+            return False
+        if not (w.is_cpu and u.is_cpu and v.is_cpu and (b is None or b.is_cpu)):
+            return False
+        if u.shape != w.shape[:1] or v.shape != w.shape[1:] or not v.is_floating_point():
+            return False
+        if b is not None and b.shape != w.shape[:1]:
+            return False
+        n = self.n_power_iterations
+        if type(n) is not int or n < 1:
+            return False
+        return _PYTHON_STEPS.keys().isdisjoint(vars(self)) and all(
+            getattr(type(self), name) is original for name, original in _PYTHON_STEPS.items()
+        )
 
     def _bjorck_weight(self, scale: torch.Tensor) -> torch.Tensor:
         """Björck weight: differentiable when gradients reach the weight, else cached in eval."""
@@ -352,3 +370,11 @@ class LipLinear(ScaledToK):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, lipschitz={self._lipschitz:g}, method={self.method!r}"
         )
+
+
+# The Python training steps the one-call forward stands for: overriding one keeps the Python path.
+_PYTHON_STEPS = {
+    "_iterate": LipLinear._iterate,
+    "_store": ScaledToK._store,
+    "_scale": ScaledToK._scale,
+}
