@@ -229,9 +229,9 @@ class LipLinear(ScaledToK):
         backend's, in C++: ``_iterate``'s steps then ``F.lip_linear``'s op, without their
         per-call Python and small ops), for CPU tensors in plain eager mode; None elsewhere,
         and wherever the Python path would raise (it then says why)."""
-        if not (isinstance(x, torch.Tensor) and x.is_cpu and self._fusable()):
-            return None
-        if not _backend.plain_eager() or _torch_private.tracing(x):
+        if not (_backend.plain_eager() and isinstance(x, torch.Tensor) and x.is_cpu):
+            return None  # compile and functorch trace the Python path
+        if _torch_private.tracing(x) or not self._fusable():
             return None
         kernel = ops.kernel("lip_linear_train", _backend.resolve(self.backend, x.device))
         if kernel is None:
