@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -245,21 +246,21 @@ class LipLinear(ScaledToK):
     def _fusable(self) -> bool:
         """The layer's own state fits the one-call forward: plain CPU tensors of matching
         shapes, a valid step count, and ``_iterate``/``_store``/``_scale`` not overridden."""
-        w, b, u, v = self.weight, self.bias, self.u, self.v
-        if type(w) not in (nn.Parameter, torch.Tensor) or w.dim() != 2:  # subclasses: Python
+        n = self.n_power_iterations
+        if type(n) is not int or n < 1 or not _python_steps_kept(type(self)):
             return False
+        if not _PYTHON_STEPS.keys().isdisjoint(self.__dict__):
+            return False
+        params, buffers = self.__dict__["_parameters"], self.__dict__["_buffers"]
+        w, b, u, v = params.get("weight"), params.get("bias"), buffers.get("u"), buffers.get("v")
+        if u is None or v is None or type(w) not in (nn.Parameter, torch.Tensor) or w.dim() != 2:
+            return False  # also tensor subclasses: the Python path
         if not (w.is_cpu and u.is_cpu and v.is_cpu and (b is None or b.is_cpu)):
             return False
-        if u.shape != w.shape[:1] or v.shape != w.shape[1:] or not v.is_floating_point():
+        out_features, in_features = w.shape
+        if u.shape != (out_features,) or v.shape != (in_features,) or not v.is_floating_point():
             return False
-        if b is not None and b.shape != w.shape[:1]:
-            return False
-        n = self.n_power_iterations
-        if type(n) is not int or n < 1:
-            return False
-        return _PYTHON_STEPS.keys().isdisjoint(vars(self)) and all(
-            getattr(type(self), name) is original for name, original in _PYTHON_STEPS.items()
-        )
+        return b is None or b.shape == (out_features,)
 
     def _bjorck_weight(self, scale: torch.Tensor) -> torch.Tensor:
         """Björck weight: differentiable when gradients reach the weight, else cached in eval."""
@@ -378,3 +379,9 @@ _PYTHON_STEPS = {
     "_store": ScaledToK._store,
     "_scale": ScaledToK._scale,
 }
+
+
+@functools.cache
+def _python_steps_kept(cls: type) -> bool:
+    """Whether class ``cls`` keeps LipLinear's Python training steps as they are."""
+    return all(getattr(cls, name) is step for name, step in _PYTHON_STEPS.items())
