@@ -19,6 +19,12 @@ def groupsort(
     ``group_size`` is the size of each group (deel-torchlip's convention), not the number of
     groups (LNets'); ``group_size == x.shape[dim]`` is a full sort, 2 is MaxMin.
     """
+    checked = ops.groupsort_checked(x, backend)
+    if checked is not None:
+        try:
+            return checked(x, group_size, dim)
+        except (TypeError, ValueError):
+            pass  # the checks below name what is wrong
     _checks.float_tensor("x", x)
     group_size = _checks.integer("group_size", group_size, 1)
     if x.dim() == 0:

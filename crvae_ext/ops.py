@@ -301,6 +301,15 @@ def _differentiable(function: type[torch.autograd.Function], op: Callable, name:
     return run
 
 
+def groupsort_checked(x: object, backend: str | None) -> Callable | None:
+    """The backend's one-call groupsort for ``x`` in plain eager mode, or None: it checks its
+    arguments itself (raising ValueError or TypeError before any work), normalises ``dim``
+    and records its own node only where a gradient is wanted (cpp: in C++)."""
+    if type(x) is not torch.Tensor or not _backend.plain_eager():
+        return None
+    return kernel("groupsort_autograd", _backend.resolve(backend, x.device))
+
+
 def _requires_grad(arg: Any) -> bool:
     return isinstance(arg, torch.Tensor) and arg.requires_grad
 

@@ -17,15 +17,21 @@
 // does it (modules/lip_linear.py: _iterate, then functional.lip_linear): n power-iteration steps
 // from the buffer v, the buffers u, v overwritten unless sigma is 0 (or NaN), the scale
 // k / max(sigma, floor) computed as reciprocal times k, then lip_linear_autograd. CPU tensors:
-// sigma is read on the host.
+// the power iteration's core runs in place, sigma and the scale are computed on the host.
 #include <ATen/OpMathType.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
+#include <cmath>
 #include <optional>
 #include <tuple>
+#include <vector>
+
+#include "cpu_utils.h"
+#include "power_iteration.h"
 
 namespace crvae_ext_cpp {
 namespace {
@@ -40,8 +46,6 @@ using PublicGroupsortBackward =
 using OptionalTensor = std::optional<at::Tensor>;
 using LipLinear = at::Tensor(const at::Tensor&, const at::Tensor&, const OptionalTensor&,
                              const at::Tensor&);
-using PowerIteration =
-    std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t);
 using LipLinearBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptionalTensor&,
     const OptionalTensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
@@ -79,8 +83,21 @@ class GroupsortFunction : public torch::autograd::Function<GroupsortFunction> {
   }
 };
 
+// Checks its arguments first, raising ValueError or TypeError for the caller's Python checks to
+// take over and name the argument (functional.py), then records a node only where a gradient
+// is wanted.
 at::Tensor groupsort_autograd(const at::Tensor& x, int64_t group_size, int64_t dim) {
-  return GroupsortFunction::apply(x, group_size, dim);
+  TORCH_CHECK_TYPE(x.is_floating_point(), "groupsort: x must be a floating-point tensor");
+  const int64_t ndim = x.dim();
+  TORCH_CHECK_VALUE(ndim > 0 && -ndim <= dim && dim < ndim, "groupsort: dim out of range");
+  const int64_t d = dim < 0 ? dim + ndim : dim;
+  TORCH_CHECK_VALUE(group_size >= 2 && x.size(d) % group_size == 0,
+                    "groupsort: group_size must be >= 2 and divide x.shape[dim]");
+  if (!(x.requires_grad() && at::GradMode::is_enabled())) {
+    static const auto op = find_op<Groupsort>("crvae_ext_cpp::groupsort");
+    return op.call(x, group_size, d);
+  }
+  return GroupsortFunction::apply(x, group_size, d);
 }
 
 OptionalTensor optional(const at::Tensor& t) {
@@ -153,23 +170,68 @@ at::Tensor lip_linear_autograd(const at::Tensor& x, const at::Tensor& weight,
   return LipLinearFunction::apply(x, weight, bias, scale, u, v, lipschitz);
 }
 
+// The layer's buffer takes the step's vector: written directly where it is a dense tensor of
+// the vector's dtype (its version bumped first, as copy_ does, which also refuses an inference
+// tensor outside inference mode), else by copy_.
+void store(at::Tensor& buffer, const at::Tensor& value) {
+  if (buffer.scalar_type() != value.scalar_type() || !buffer.is_contiguous()) {
+    buffer.copy_(value);
+    return;
+  }
+  buffer.unsafeGetTensorImpl()->bump_version();
+  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "store", [&] {
+    std::copy_n(value.const_data_ptr<scalar_t>(), value.numel(),
+                buffer.mutable_data_ptr<scalar_t>());
+  });
+}
+
+// k / max(sigma, floor) in T as the Python path computes it on a 0-dim tensor: clamp_min (NaN
+// kept), reciprocal, then times k cast to T.
+template <typename T>
+T scale_of(T sigma, double lipschitz, double sigma_floor) {
+  const T clamped = std::isnan(sigma) ? sigma : std::max(sigma, static_cast<T>(sigma_floor));
+  return (T(1) / clamped) * static_cast<T>(lipschitz);
+}
+
 at::Tensor lip_linear_train(const at::Tensor& x, const at::Tensor& weight,
                             const OptionalTensor& bias, at::Tensor& u, at::Tensor& v,
                             int64_t n_iters, double lipschitz, double sigma_floor) {
-  TORCH_CHECK(x.is_cpu() && weight.is_cpu() && u.is_cpu() && v.is_cpu() &&
-                  (!bias.has_value() || !bias->defined() || bias->is_cpu()),
-              "lip_linear_train: CPU tensors only (sigma is read on the host)");
-  static const auto op = find_op<PowerIteration>("crvae_ext_cpp::power_iteration");
-  at::Tensor sigma, u_new, v_new, scale;
-  {
-    const at::NoGradGuard no_grad;
-    std::tie(sigma, u_new, v_new) = op.call(weight.detach(), v, n_iters);
-    if (sigma.item<double>() > 0) {
-      u.copy_(u_new);
-      v.copy_(v_new);
+  const bool has_bias = bias.has_value() && bias->defined();
+  // The caller's Python path takes over on a ValueError or TypeError raised here, before any
+  // buffer changes, and says what is wrong (modules/lip_linear.py).
+  TORCH_CHECK_VALUE(x.is_cpu() && weight.is_cpu() && u.is_cpu() && v.is_cpu() &&
+                        (!has_bias || bias->is_cpu()),
+                    "lip_linear_train: CPU tensors only (sigma is read on the host)");
+  TORCH_CHECK_VALUE(weight.dim() == 2 && x.dim() == 2 && x.size(1) == weight.size(1),
+                    "lip_linear_train: x ", x.sizes(), " does not fit weight ", weight.sizes());
+  TORCH_CHECK_TYPE(x.is_floating_point() && x.scalar_type() == weight.scalar_type() &&
+                       v.is_floating_point() &&
+                       (!has_bias || bias->scalar_type() == weight.scalar_type()),
+                   "lip_linear_train: x, weight and bias must share one floating dtype");
+  TORCH_CHECK_VALUE(u.dim() == 1 && u.size(0) == weight.size(0) && v.dim() == 1 &&
+                        v.size(0) == weight.size(1) &&
+                        (!has_bias || (bias->dim() == 1 && bias->size(0) == weight.size(0))),
+                    "lip_linear_train: u, v or bias do not fit weight ", weight.sizes());
+  TORCH_CHECK_VALUE(n_iters >= 1, "lip_linear_train: n_iters must be >= 1, got ", n_iters);
+  std::vector<double> v_step = to_doubles(v), u_step(static_cast<size_t>(weight.size(0)));
+  const double sigma = power_iteration_doubles(weight, v_step, u_step, n_iters);
+  // the power_iteration op's outputs: fp32 (fp64 for a double weight), as the backward saves
+  const auto options =
+      weight.options().dtype(weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  at::Tensor u_new = at::empty({weight.size(0)}, options);
+  at::Tensor v_new = at::empty({weight.size(1)}, options);
+  at::Tensor scale = at::empty({}, options);
+  from_doubles(u_step.data(), u_new);
+  from_doubles(v_step.data(), v_new);
+  AT_DISPATCH_FLOATING_TYPES(scale.scalar_type(), "lip_linear_train", [&] {
+    const auto sigma_t = static_cast<scalar_t>(sigma);
+    *scale.mutable_data_ptr<scalar_t>() = scale_of(sigma_t, lipschitz, sigma_floor);
+    if (sigma_t > 0) {
+      const at::NoGradGuard no_grad;
+      store(u, u_new);
+      store(v, v_new);
     }
-    scale = sigma.clamp_min(sigma_floor).reciprocal().mul_(lipschitz);
-  }
+  });
   return LipLinearFunction::apply(x, weight, bias, scale, u_new, v_new, lipschitz);
 }
 

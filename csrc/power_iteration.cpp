@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "cpu_utils.h"
+#include "power_iteration.h"
 
 namespace crvae_ext_cpp {
 namespace {
@@ -155,33 +156,22 @@ double iterate(const T* w, int64_t m, int64_t n, int64_t ld, int64_t n_iters, do
   return sigma;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_cpu(const at::Tensor& weight_in,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_cpu(const at::Tensor& weight,
                                                                    const at::Tensor& v_in,
                                                                    int64_t n_iters) {
-  TORCH_CHECK(weight_in.dim() == 2 && weight_in.is_floating_point(),
-              "power_iteration: weight must be a 2-D floating-point tensor, got ", weight_in.dim(),
-              "-D ", weight_in.scalar_type());
-  TORCH_CHECK(v_in.dim() == 1 && v_in.size(0) == weight_in.size(1) && v_in.is_floating_point(),
-              "power_iteration: v must be a floating-point vector of length ", weight_in.size(1),
+  TORCH_CHECK(weight.dim() == 2 && weight.is_floating_point(),
+              "power_iteration: weight must be a 2-D floating-point tensor, got ", weight.dim(),
+              "-D ", weight.scalar_type());
+  TORCH_CHECK(v_in.dim() == 1 && v_in.size(0) == weight.size(1) && v_in.is_floating_point(),
+              "power_iteration: v must be a floating-point vector of length ", weight.size(1),
               ", got shape ", v_in.sizes());
   TORCH_CHECK(n_iters >= 1, "power_iteration: n_iters must be >= 1, got ", n_iters);
-  const int64_t m = weight_in.size(0), n = weight_in.size(1);
-  // Rows read in place only when each is dense and none overlaps the next (an expanded weight
-  // has row stride 0); anything else is copied once.
-  const bool rows_dense =
-      (n <= 1 || weight_in.stride(1) == 1) && (m <= 1 || weight_in.stride(0) >= n);
-  const at::Tensor weight = rows_dense ? weight_in : weight_in.contiguous();
-  const int64_t ld = weight.stride(0);
-  std::vector<double> v = to_doubles(v_in), u(static_cast<size_t>(m));
-  double sigma = 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, weight.scalar_type(), "power_iteration", [&] {
-        sigma = iterate(weight.const_data_ptr<scalar_t>(), m, n, ld, n_iters, v.data(), u.data());
-      });
+  std::vector<double> v = to_doubles(v_in), u(static_cast<size_t>(weight.size(0)));
+  const double sigma = power_iteration_doubles(weight, v, u, n_iters);
   const auto out =
       weight.options().dtype(weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  at::Tensor sigma_out = at::empty({}, out), u_out = at::empty({m}, out),
-             v_out = at::empty({n}, out);
+  at::Tensor sigma_out = at::empty({}, out), u_out = at::empty({weight.size(0)}, out),
+             v_out = at::empty({weight.size(1)}, out);
   from_doubles(&sigma, sigma_out);
   from_doubles(u.data(), u_out);
   from_doubles(v.data(), v_out);
@@ -189,6 +179,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_cpu(const at::Ten
 }
 
 }  // namespace
+
+double power_iteration_doubles(const at::Tensor& weight_in, std::vector<double>& v,
+                               std::vector<double>& u, int64_t n_iters) {
+  const int64_t m = weight_in.size(0), n = weight_in.size(1);
+  // Rows read in place only when each is dense and none overlaps the next (an expanded weight
+  // has row stride 0); anything else is copied once.
+  const bool rows_dense =
+      (n <= 1 || weight_in.stride(1) == 1) && (m <= 1 || weight_in.stride(0) >= n);
+  const at::Tensor weight = rows_dense ? weight_in : weight_in.contiguous();
+  const int64_t ld = weight.stride(0);
+  double sigma = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, weight.scalar_type(), "power_iteration", [&] {
+        sigma = iterate(weight.const_data_ptr<scalar_t>(), m, n, ld, n_iters, v.data(), u.data());
+      });
+  return sigma;
+}
 
 TORCH_LIBRARY_IMPL(crvae_ext_cpp, CPU, m) { m.impl("power_iteration", &power_iteration_cpu); }
 

@@ -346,6 +346,36 @@ def test_cpp_double_backward(path):
 
 
 @needs_cpp
+def test_cpp_checked_entry():
+    """F.groupsort's one call into the cpp backend (groupsort_autograd, which checks its own
+    arguments): the stable-sort result for any dim, a node only where a gradient is wanted, and
+    bad arguments raised as ValueError/TypeError, for F's checks to name them."""
+    x = torch.randn(3, 8, 6, dtype=torch.float64)
+    for dim in (-3, -1, 0, 1, 2):
+        size = x.shape[dim]
+        got = F.groupsort(x, size // 2 if size % 2 == 0 else size, dim, backend="cpp")
+        want = reference.groupsort(x, size // 2 if size % 2 == 0 else size, dim % 3)
+        assert torch.equal(got, want) and got.grad_fn is None
+    leaf = x.clone().requires_grad_()
+    with torch.no_grad():
+        assert F.groupsort(leaf, 2, -1, backend="cpp").grad_fn is None
+    assert type(F.groupsort(leaf, 2, -1, backend="cpp").grad_fn).__name__ == "CppFunction"
+    assert F.groupsort(x, 1, 1, backend="cpp") is x
+    entry = _cpp.groupsort_autograd
+    for args, exc in [((x, 3, 1), ValueError), ((x, 2, 3), ValueError), ((x, 2, -4), ValueError),
+                      ((x, 1, 1), ValueError), ((x.long(), 2, 1), TypeError),
+                      ((torch.tensor(1.0), 2, 0), ValueError)]:  # fmt: skip
+        with pytest.raises(exc):
+            entry(*args)
+    with pytest.raises(ValueError, match="group_size=3 does not divide size 8 of dim 1"):
+        F.groupsort(x, 3, 1, backend="cpp")
+    with pytest.raises(ValueError, match="dim=-4 is out of range"):
+        F.groupsort(x, 2, -4, backend="cpp")
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        F.groupsort(x.long(), 2, 1, backend="cpp")
+
+
+@needs_cpp
 def test_cpp_bad_arguments_are_errors():
     with pytest.raises(RuntimeError, match="does not divide size 10"):
         _cpp.groupsort(torch.randn(2, 10), 4, 1)

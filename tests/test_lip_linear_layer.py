@@ -453,7 +453,9 @@ def test_lipschitz_setter_validates():
 
 @pytest.mark.parametrize("method", ["spectral", "bjorck"])
 def test_liplinear_input_errors(method):
+    """Clear errors naming x, and the power-iteration buffers untouched by a rejected call."""
     layer = LipLinear(4, 3, method=method)
+    u, v = layer.u.clone(), layer.v.clone()
     with pytest.raises(ValueError, match="last dimension in_features=4, got shape \\(2, 5\\)"):
         layer(torch.randn(2, 5))
     with pytest.raises(TypeError, match=r"floating-point tensor, got dtype torch.int64"):
@@ -462,6 +464,7 @@ def test_liplinear_input_errors(method):
         TypeError, match=r"x has dtype torch.float64 but weight has dtype torch.float32"
     ):
         layer(torch.randn(2, 4, dtype=torch.float64))
+    assert torch.equal(layer.u, u) and torch.equal(layer.v, v)
 
 
 def test_training_forward_traces_with_make_fx():
@@ -476,7 +479,8 @@ def test_training_forward_traces_with_make_fx():
 
 
 def _counting_fused_calls(monkeypatch) -> list[int]:
-    """Calls of the backend's fused training forward from here on, one entry each."""
+    """Completed calls of the backend's fused training forward from here on, one entry each
+    (a call whose argument check raises, for the Python path to take over, is not counted)."""
     calls: list[int] = []
     real = ops.kernel
 
@@ -484,7 +488,13 @@ def _counting_fused_calls(monkeypatch) -> list[int]:
         found = real(name, backend)
         if name != "lip_linear_train" or found is None:
             return found
-        return lambda *args: calls.append(1) or found(*args)
+
+        def counted(*args):
+            out = found(*args)
+            calls.append(1)
+            return out
+
+        return counted
 
     monkeypatch.setattr(ops, "kernel", spy)
     return calls
@@ -494,14 +504,19 @@ def _counting_fused_calls(monkeypatch) -> list[int]:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(12,), (4, 12), (2, 5, 12)])
-def test_fused_training_forward_equals_the_python_path(dtype, bias, shape, monkeypatch):
+@pytest.mark.parametrize("strided", [False, True], ids=["dense_buffers", "strided_buffers"])
+def test_fused_training_forward_equals_the_python_path(dtype, bias, shape, strided, monkeypatch):
     """The cpp backend's one-call training forward (lip_linear_train, taken in plain eager
     mode) against the layer's Python path (_iterate, then F.lip_linear) from the same state,
-    over five SGD steps: outputs, gradients and the buffers, bit for bit."""
+    over five SGD steps: outputs, gradients, the buffers bit for bit and their versions."""
     torch.manual_seed(0)
     fused = LipLinear(12, 7, bias=bias, lipschitz=2.5, n_power_iterations=2, backend="cpp",
                       dtype=dtype)  # fmt: skip
+    if strided:  # buffers the kernel cannot write directly
+        fused.u = torch.zeros(14, dtype=dtype)[::2].copy_(fused.u)
+        fused.v = torch.zeros(24, dtype=dtype)[::2].copy_(fused.v)
     plain = copy.deepcopy(fused)
+    versions = [(m.u._version, m.v._version) for m in (fused, plain)]
     x = torch.randn(shape, dtype=dtype, requires_grad=True)
     opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (fused, plain)]
     calls = _counting_fused_calls(monkeypatch)
@@ -528,6 +543,12 @@ def test_fused_training_forward_equals_the_python_path(dtype, bias, shape, monke
             (fused.weight, fused.u, fused.v), (plain.weight, plain.u, plain.v), strict=True
         ):
             assert torch.equal(a, b), step
+        assert fused.u.stride() == plain.u.stride() == ((2,) if strided else (1,))
+        steps = [
+            (m.u._version - u0, m.v._version - v0)
+            for m, (u0, v0) in zip((fused, plain), versions, strict=True)
+        ]
+        assert steps[0] == steps[1] == (step + 1, step + 1), step
 
 
 @needs_cpp

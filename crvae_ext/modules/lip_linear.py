@@ -228,39 +228,41 @@ class LipLinear(ScaledToK):
     def _fused_training_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The training forward as one call of the backend's ``lip_linear_train`` (the cpp
         backend's, in C++: ``_iterate``'s steps then ``F.lip_linear``'s op, without their
-        per-call Python and small ops), for CPU tensors in plain eager mode; None elsewhere,
+        per-call Python and small ops), for plain CPU tensors in plain eager mode; None elsewhere,
         and wherever the Python path would raise (it then says why)."""
-        if not (_backend.plain_eager() and isinstance(x, torch.Tensor) and x.is_cpu):
-            return None  # compile and functorch trace the Python path
-        if _torch_private.tracing(x) or not self._fusable():
+        if type(x) is not torch.Tensor or not x.is_cpu or _torch_private.tracing():
+            return None  # compile, functorch and dispatch modes trace the Python path
+        state = self._fusable()
+        if state is None or _torch_private.functorch_active():
             return None
         kernel = ops.kernel("lip_linear_train", _backend.resolve(self.backend, x.device))
         if kernel is None:
             return None
-        F.check_linear_input(x, self.weight)
-        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        out = kernel(flat, self.weight, self.bias, self.u, self.v, self.n_power_iterations,
-                     self._lipschitz, SIGMA_FLOOR)  # fmt: skip
+        if x.dim() != 2:
+            F.check_linear_input(x, state[0])
+            flat = x.reshape(-1, self.in_features)
+        else:
+            flat = x
+        try:  # the kernel checks the arguments before the buffers advance
+            out = kernel(flat, *state, self.n_power_iterations, self._lipschitz, SIGMA_FLOOR)
+        except (TypeError, ValueError):
+            return None
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
-    def _fusable(self) -> bool:
-        """The layer's own state fits the one-call forward: plain CPU tensors of matching
-        shapes, a valid step count, and ``_iterate``/``_store``/``_scale`` not overridden."""
+    def _fusable(self) -> tuple[torch.Tensor, ...] | None:
+        """(weight, bias, u, v) when the layer's own state fits the one-call forward: plain
+        tensors, a valid step count, ``_iterate``/``_store``/``_scale`` not overridden; the
+        kernel checks their shapes, dtypes and devices."""
         n = self.n_power_iterations
         if type(n) is not int or n < 1 or not _python_steps_kept(type(self)):
-            return False
+            return None
         if not _PYTHON_STEPS.keys().isdisjoint(self.__dict__):
-            return False
+            return None
         params, buffers = self.__dict__["_parameters"], self.__dict__["_buffers"]
         w, b, u, v = params.get("weight"), params.get("bias"), buffers.get("u"), buffers.get("v")
-        if u is None or v is None or type(w) not in (nn.Parameter, torch.Tensor) or w.dim() != 2:
-            return False  # also tensor subclasses: the Python path
-        if not (w.is_cpu and u.is_cpu and v.is_cpu and (b is None or b.is_cpu)):
-            return False
-        out_features, in_features = w.shape
-        if u.shape != (out_features,) or v.shape != (in_features,) or not v.is_floating_point():
-            return False
-        return b is None or b.shape == (out_features,)
+        if type(w) not in _PLAIN or type(u) not in _PLAIN or type(v) not in _PLAIN:
+            return None  # also tensor subclasses: the Python path
+        return None if b is not None and type(b) not in _PLAIN else (w, b, u, v)
 
     def _bjorck_weight(self, scale: torch.Tensor) -> torch.Tensor:
         """Björck weight: differentiable when gradients reach the weight, else cached in eval."""
@@ -374,6 +376,8 @@ class LipLinear(ScaledToK):
 
 
 # The Python training steps the one-call forward stands for: overriding one keeps the Python path.
+_PLAIN = (nn.Parameter, torch.Tensor)  # types the one-call forward takes as they are
+
 _PYTHON_STEPS = {
     "_iterate": LipLinear._iterate,
     "_store": ScaledToK._store,
