@@ -18,6 +18,7 @@
 // from the buffer v, the buffers u, v overwritten unless sigma is 0 (or NaN), the scale
 // k / max(sigma, floor) computed as reciprocal times k, then lip_linear_autograd. CPU tensors:
 // the power iteration's core runs in place, sigma and the scale are computed on the host.
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -28,9 +29,7 @@
 #include <cmath>
 #include <optional>
 #include <tuple>
-#include <vector>
 
-#include "cpu_utils.h"
 #include "power_iteration.h"
 
 namespace crvae_ext_cpp {
@@ -213,26 +212,18 @@ at::Tensor lip_linear_train(const at::Tensor& x, const at::Tensor& weight,
                         (!has_bias || (bias->dim() == 1 && bias->size(0) == weight.size(0))),
                     "lip_linear_train: u, v or bias do not fit weight ", weight.sizes());
   TORCH_CHECK_VALUE(n_iters >= 1, "lip_linear_train: n_iters must be >= 1, got ", n_iters);
-  std::vector<double> v_step = to_doubles(v), u_step(static_cast<size_t>(weight.size(0)));
-  const double sigma = power_iteration_doubles(weight, v_step, u_step, n_iters);
-  // the power_iteration op's outputs: fp32 (fp64 for a double weight), as the backward saves
-  const auto options =
-      weight.options().dtype(weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  at::Tensor u_new = at::empty({weight.size(0)}, options);
-  at::Tensor v_new = at::empty({weight.size(1)}, options);
-  at::Tensor scale = at::empty({}, options);
-  from_doubles(u_step.data(), u_new);
-  from_doubles(v_step.data(), v_new);
+  const PowerIterationStep step = power_iteration_step(weight, v, n_iters);
+  at::Tensor scale = at::empty({}, step.u.options());
   AT_DISPATCH_FLOATING_TYPES(scale.scalar_type(), "lip_linear_train", [&] {
-    const auto sigma_t = static_cast<scalar_t>(sigma);
+    const auto sigma_t = static_cast<scalar_t>(step.sigma);
     *scale.mutable_data_ptr<scalar_t>() = scale_of(sigma_t, lipschitz, sigma_floor);
     if (sigma_t > 0) {
       const at::NoGradGuard no_grad;
-      store(u, u_new);
-      store(v, v_new);
+      store(u, step.u);
+      store(v, step.v);
     }
   });
-  return LipLinearFunction::apply(x, weight, bias, scale, u_new, v_new, lipschitz);
+  return LipLinearFunction::apply(x, weight, bias, scale, step.u, step.v, lipschitz);
 }
 
 }  // namespace

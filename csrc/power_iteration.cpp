@@ -166,22 +166,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> power_iteration_cpu(const at::Ten
               "power_iteration: v must be a floating-point vector of length ", weight.size(1),
               ", got shape ", v_in.sizes());
   TORCH_CHECK(n_iters >= 1, "power_iteration: n_iters must be >= 1, got ", n_iters);
-  std::vector<double> v = to_doubles(v_in), u(static_cast<size_t>(weight.size(0)));
-  const double sigma = power_iteration_doubles(weight, v, u, n_iters);
-  const auto out =
-      weight.options().dtype(weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  at::Tensor sigma_out = at::empty({}, out), u_out = at::empty({weight.size(0)}, out),
-             v_out = at::empty({weight.size(1)}, out);
-  from_doubles(&sigma, sigma_out);
-  from_doubles(u.data(), u_out);
-  from_doubles(v.data(), v_out);
-  return {sigma_out, u_out, v_out};
+  PowerIterationStep step = power_iteration_step(weight, v_in, n_iters);
+  at::Tensor sigma_out = at::empty({}, step.u.options());
+  from_doubles(&step.sigma, sigma_out);
+  return {sigma_out, step.u, step.v};
 }
 
 }  // namespace
 
-double power_iteration_doubles(const at::Tensor& weight_in, std::vector<double>& v,
-                               std::vector<double>& u, int64_t n_iters) {
+PowerIterationStep power_iteration_step(const at::Tensor& weight_in, const at::Tensor& v_in,
+                                        int64_t n_iters) {
   const int64_t m = weight_in.size(0), n = weight_in.size(1);
   // Rows read in place only when each is dense and none overlaps the next (an expanded weight
   // has row stride 0); anything else is copied once.
@@ -189,12 +183,20 @@ double power_iteration_doubles(const at::Tensor& weight_in, std::vector<double>&
       (n <= 1 || weight_in.stride(1) == 1) && (m <= 1 || weight_in.stride(0) >= n);
   const at::Tensor weight = rows_dense ? weight_in : weight_in.contiguous();
   const int64_t ld = weight.stride(0);
-  double sigma = 0;
+  std::vector<double> v = to_doubles(v_in), u(static_cast<size_t>(m));
+  PowerIterationStep step{};
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, weight.scalar_type(), "power_iteration", [&] {
-        sigma = iterate(weight.const_data_ptr<scalar_t>(), m, n, ld, n_iters, v.data(), u.data());
+        step.sigma =
+            iterate(weight.const_data_ptr<scalar_t>(), m, n, ld, n_iters, v.data(), u.data());
       });
-  return sigma;
+  const auto out =
+      weight.options().dtype(weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  step.u = at::empty({m}, out);
+  step.v = at::empty({n}, out);
+  from_doubles(u.data(), step.u);
+  from_doubles(v.data(), step.v);
+  return step;
 }
 
 TORCH_LIBRARY_IMPL(crvae_ext_cpp, CPU, m) { m.impl("power_iteration", &power_iteration_cpu); }

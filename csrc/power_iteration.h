@@ -4,14 +4,17 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
-#include <vector>
 
 namespace crvae_ext_cpp {
 
-// n_iters steps u = W v / |W v|, v = W^T u / |W^T u| on a 2-D floating CPU weight (any strides,
-// any floating dtype), in double: v (length n) is updated in place, u (length m) is written,
-// and sigma = |W^T u| is returned.
-double power_iteration_doubles(const at::Tensor& weight, std::vector<double>& v,
-                               std::vector<double>& u, int64_t n_iters);
+struct PowerIterationStep {
+  double sigma;     // |W^T u|, in double
+  at::Tensor u, v;  // fp32 (fp64 for a double weight), as the power_iteration op returns them
+};
+
+// n_iters steps u = W v / |W v|, v = W^T u / |W^T u| from the vector v_in on a 2-D floating CPU
+// weight (any strides, any floating dtype), every sum in double; the arguments unchecked.
+PowerIterationStep power_iteration_step(const at::Tensor& weight, const at::Tensor& v_in,
+                                        int64_t n_iters);
 
 }  // namespace crvae_ext_cpp
