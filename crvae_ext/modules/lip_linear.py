@@ -375,9 +375,9 @@ class LipLinear(ScaledToK):
         )
 
 
-# The Python training steps the one-call forward stands for: overriding one keeps the Python path.
 _PLAIN = (nn.Parameter, torch.Tensor)  # types the one-call forward takes as they are
 
+# The Python training steps the one-call forward stands for: overriding one keeps the Python path.
 _PYTHON_STEPS = {
     "_iterate": LipLinear._iterate,
     "_store": ScaledToK._store,
