@@ -84,15 +84,20 @@ def resolve(backend: str | None, device: torch.device) -> str:
 
     A forced backend that cannot run on ``device`` is an error, never a silent fallback.
     """
-    getenv = _torch_private.getenv
-    return _resolve(backend, device, getenv(ENV_VAR), getenv("TRITON_INTERPRET"))
+    raw = _torch_private.environ_raw
+    return _resolve(backend, device, raw(_ENV_KEY), raw(_INTERPRET_KEY))
+
+
+_ENV_KEY, _INTERPRET_KEY = _torch_private.environ_keys(ENV_VAR, "TRITON_INTERPRET")
 
 
 @functools.cache
-def _resolve(backend: str | None, device: torch.device, env: str | None, _interpret: str | None):
-    """``resolve`` for one state of the environment (errors are raised, never cached); keyed on
-    the device itself, whose hash is cheaper than its ``type``."""
+def _resolve(backend: str | None, device: torch.device, _env: object, _interpret: object):
+    """``resolve`` for one state of the variables it depends on (keyed on their raw values, read
+    again here; errors are raised, never cached) and on the device itself, whose hash is cheaper
+    than its ``type``."""
     device_type = device.type
+    env = _torch_private.getenv(ENV_VAR)
     name = backend if backend is not None else (env or "auto")
     if backend is None and name != "auto" and name not in BACKENDS:
         raise ValueError(f"${ENV_VAR} must be 'auto' or one of {BACKENDS}, got {name!r}")

@@ -124,6 +124,16 @@ def _encoded(name: str) -> object:
     return _ENCODE(name)
 
 
+def environ_keys(*names: str) -> tuple:
+    """``names`` in the form ``environ_raw`` reads (encoded once where CPython allows)."""
+    return tuple(map(_encoded, names)) if _DIRECT_ENVIRON else names
+
+
+# The raw value of a variable named by a key from environ_keys, None where unset: cheap to read
+# and to hash, and equal raw values are equal values.
+environ_raw: Callable[[object], object] = _ENVIRON_DATA.get if _DIRECT_ENVIRON else os.environ.get
+
+
 @contextlib.contextmanager
 def no_triton_kernel_scan() -> Iterator[None]:
     """Within: ``torch.library.triton_op`` records no kernels found in the op's source (its

@@ -334,13 +334,81 @@ int64_t pairs_avx2(const T* x, const T* g, T* out, int64_t n) {
 }
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+// The same with 512-bit registers: the swap flag is a mask bit, computed for each pair's even
+// lane (the not-NaN test of the mate masks the compare) and spread to its odd lane by a shift.
+template <typename T>
+struct Avx512;
+
+template <>
+struct Avx512<float> {
+  using R = __m512;
+  using M = __mmask16;
+  static constexpr M kEven = 0x5555;
+  static R load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
+  static R mate(R v) { return _mm512_permute_ps(v, 0xB1); }
+  static M even_swap(R v, R mate) {
+    const M ordered = _mm512_mask_cmp_ps_mask(kEven, mate, mate, _CMP_ORD_Q);
+    return _mm512_mask_cmp_ps_mask(ordered, v, mate, _CMP_NLE_UQ);
+  }
+  static M spread(M even) { return _kor_mask16(even, _kshiftli_mask16(even, 1)); }
+  static R select(R a, R b, M mask) { return _mm512_mask_mov_ps(a, mask, b); }
+};
+
+template <>
+struct Avx512<double> {
+  using R = __m512d;
+  using M = __mmask8;
+  static constexpr M kEven = 0x55;
+  static R load(const double* p) { return _mm512_loadu_pd(p); }
+  static void store(double* p, R v) { _mm512_storeu_pd(p, v); }
+  static R mate(R v) { return _mm512_permute_pd(v, 0x55); }
+  static M even_swap(R v, R mate) {
+    const M ordered = _mm512_mask_cmp_pd_mask(kEven, mate, mate, _CMP_ORD_Q);
+    return _mm512_mask_cmp_pd_mask(ordered, v, mate, _CMP_NLE_UQ);
+  }
+  static M spread(M even) { return _kor_mask8(even, _kshiftli_mask8(even, 1)); }
+  static R select(R a, R b, M mask) { return _mm512_mask_mov_pd(a, mask, b); }
+};
+
+// n adjacent pairs as pairs_avx2 does them, a 64-byte vector at a time; returns pairs done.
+template <typename T>
+int64_t pairs_avx512(const T* x, const T* g, T* out, int64_t n) {
+  using A = Avx512<T>;
+  using M = typename A::M;
+  constexpr int64_t width = 64 / sizeof(T);
+  int64_t i = 0;
+  for (; i + width <= 2 * n; i += width) {
+    const typename A::R v = A::load(x + i);
+    const M even = A::even_swap(v, A::mate(v));
+    const M swap = A::spread(even);
+    const typename A::R src = g == nullptr ? v : A::load(g + i);
+    A::store(out + i, A::select(src, A::mate(src), swap));
+  }
+  return i / 2;
+}
+#endif
+
+// n adjacent pairs with the widest vectors this build has (sorted x, or g routed back by the
+// order of x as in pairs_avx2); returns pairs done, the rest is left to the caller.
+template <typename T>
+int64_t pairs_simd(const T* x, const T* g, T* out, int64_t n) {
+  int64_t j = 0;
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+  j = pairs_avx512<T>(x, g, out, n);
+#endif
+#if defined(CPU_CAPABILITY_AVX2)
+  j += pairs_avx2<T>(x + 2 * j, g == nullptr ? nullptr : g + 2 * j, out + 2 * j, n - j);
+#endif
+  return j;
+}
+
 template <typename T, int G>
 void forward_packed(const T* x, T* y, int64_t n) {
   constexpr int64_t V = Vectorized<T>::size();
   int64_t j = 0;
-#if defined(CPU_CAPABILITY_AVX2)
-  if constexpr (G == 2) j = pairs_avx2<T>(x, nullptr, y, n);
-#endif
+  if constexpr (G == 2) j = pairs_simd<T>(x, nullptr, y, n);
   for (; j + V <= n; j += V) {
     Lanes<T, G> in;
     for (int k = 0; k < G; ++k) in[k] = Vectorized<T>::loadu(x + j * G + k * V);
@@ -354,9 +422,7 @@ template <typename T, int G>
 void backward_packed(const T* g, const T* x, T* out, int64_t n) {
   constexpr int64_t V = Vectorized<T>::size();
   int64_t j = 0;
-#if defined(CPU_CAPABILITY_AVX2)
-  if constexpr (G == 2) j = pairs_avx2<T>(x, g, out, n);
-#endif
+  if constexpr (G == 2) j = pairs_simd<T>(x, g, out, n);
   for (; j + V <= n; j += V) {
     Lanes<T, G> xv, gv;
     for (int k = 0; k < G; ++k) xv[k] = Vectorized<T>::loadu(x + j * G + k * V);

@@ -116,6 +116,36 @@ def test_plain_eager_calls_the_kernel_and_tracing_the_public_op(monkeypatch):
 
 
 @needs_cpp
+def test_python_entries_serve_the_per_step_kernels():
+    """The cpp library's Python entry points (csrc/python.cpp) are the kernels the layers call
+    each step: the ops' results, through the dispatcher (a dispatch mode sees the kernel op),
+    the ops' errors as ValueError/TypeError."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    entries = _cpp._load_once()[1]
+    assert entries is not None
+    entry = ops.kernel("groupsort_autograd", "cpp")
+    assert entry is entries.groupsort_autograd
+    assert ops.kernel("lip_linear_train", "cpp") is entries.lip_linear_train
+    x = torch.randn(4, 6)
+    assert torch.equal(entry(x, 2, 1), reference.groupsort(x, 2, 1))
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        entry(x, 2, 1)
+    assert seen == ["crvae_ext_cpp.groupsort.default"]
+    with pytest.raises(ValueError, match="group_size"):
+        entry(x, 4, 1)
+    with pytest.raises(TypeError, match="floating"):
+        entry(x.long(), 2, 1)
+
+
+@needs_cpp
 def test_direct_kernels_are_the_ops_they_forward_to():
     """The cpp backend's pass-through kernels are looked up as the ops' own callables (the
     same results as the wrappers); other kernels and other backends keep their functions."""

@@ -241,6 +241,8 @@ def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 LAYOUTS = [
     ("pairs_flat_tail", (37, 10), 2, 1, None),  # 185 pairs: vector body and a scalar tail
     ("pairs_rows_sliced", (6, 24), 2, 1, lambda t: t[:, :18]),  # rows not adjacent in memory
+    # 15 pairs per row: one 64-byte vector, one 32-byte vector and a scalar tail (float, double)
+    ("pairs_vector_tails", (9, 32), 2, 1, lambda t: t[:, :30]),
     ("quads", (5, 24), 4, 1, None),
     ("octets", (7, 48), 8, 1, None),
     ("octets_short", (3, 8), 8, 1, None),  # fewer groups than vector lanes

@@ -9,6 +9,7 @@ backend. The kernel functions have the signatures every backend shares (see refe
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
 import re
@@ -16,6 +17,8 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -50,14 +53,14 @@ def _summary(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _jit_build() -> None:
-    """Build (or reuse the cached build) with CUDA kernels where possible, else CPU only."""
+def _jit_build() -> Path:
+    """Build (or reuse the cached build) with CUDA kernels where possible, else CPU only;
+    returns the library's path."""
     from torch.utils import cpp_extension
 
     if torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None:
         try:
-            _build.jit_build(with_cuda=True)
-            return
+            return _build.jit_build(with_cuda=True)
         except Exception as exc:
             _log.debug("CUDA build of csrc failed", exc_info=True)
             warnings.warn(
@@ -66,7 +69,7 @@ def _jit_build() -> None:
                 RuntimeWarning,
                 stacklevel=3,
             )
-    _build.jit_build(with_cuda=False)
+    return _build.jit_build(with_cuda=False)
 
 
 _LOAD_LOCK = threading.Lock()
@@ -76,22 +79,24 @@ def _load() -> str | None:
     """Load the library once: None when its ops are registered, else why not (warned once).
     Threads that ask at the same time wait for the one build."""
     with _LOAD_LOCK:
-        return _load_once()
+        return _load_once()[0]
 
 
 @functools.cache
-def _load_once() -> str | None:
+def _load_once() -> tuple[str | None, ModuleType | None]:
+    """(why the library is unusable or None, its Python entry points or None)."""
     if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
-        return f"disabled by ${DISABLE_ENV}"
+        return f"disabled by ${DISABLE_ENV}", None
     try:
         path = _build.aot_library()
         if path is not None:
             torch.ops.load_library(str(path))
+            name = f"crvae_ext.{_build.AOT_NAME}"
         else:
             if not _build.is_built():
                 sys.stderr.write(ANNOUNCEMENT)
                 sys.stderr.flush()
-            _jit_build()
+            path, name = _jit_build(), _build.LIBRARY_NAME
     except Exception as exc:
         _log.debug("building csrc failed: %s", exc, exc_info=True)
         reason = f"the C++ extension could not be built or loaded ({_summary(exc)})"
@@ -100,9 +105,22 @@ def _load_once() -> str | None:
             RuntimeWarning,
             stacklevel=3,
         )
-        return reason
+        return reason, None
     _register_fakes()
-    return None
+    return None, _python_entries(Path(path), name)
+
+
+def _python_entries(path: Path, name: str) -> ModuleType | None:
+    """The library's Python module (csrc/python.cpp), loaded from its file; None where that
+    fails (torch.ops then serves every call)."""
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    except Exception:
+        _log.debug("the Python entry points of %s did not load", path, exc_info=True)
+        return None
 
 
 def _register_fakes() -> None:
@@ -141,7 +159,16 @@ _FORWARDED = ("groupsort", "groupsort_backward", "groupsort_autograd", "lip_line
 def direct(name: str) -> Callable | None:
     """The op itself for the kernels below that only pass their arguments on to it (Python
     calls less per use), else None."""
-    return _torch_private.op_callable(_op(name)) if name in _FORWARDED else None
+    return _direct(name) if name in _FORWARDED else None
+
+
+@functools.cache
+def _direct(name: str) -> Callable:
+    """The library's Python entry point for op ``name`` where it has one (no per-call parsing
+    of the arguments against the schema), else the op's own callable."""
+    op = _op(name)
+    entry = getattr(_load_once()[1], name, None)
+    return entry if entry is not None else _torch_private.op_callable(op)
 
 
 def groupsort(x: torch.Tensor, group_size: int, dim: int) -> torch.Tensor:

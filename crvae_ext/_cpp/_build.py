@@ -59,16 +59,20 @@ def _cpu_flags() -> set[str]:
 
 
 def cxx_flags(native: bool) -> list[str]:
-    """Host compiler flags; ``native`` adds AVX2/FMA/F16C when this CPU has them (JIT builds only).
+    """Host compiler flags; ``native`` adds AVX2/FMA/F16C, and AVX-512 (F, DQ, BW, VL), when this
+    CPU has them (JIT builds only).
 
     With AVX2, at::vec::Vectorized uses its AVX2 implementation, in an inline namespace of our
-    own (CPU_CAPABILITY) so that no inline symbol can clash with libtorch's copies.
+    own (CPU_CAPABILITY) so that no inline symbol can clash with libtorch's copies. AVX-512 is
+    used only by the kernels that test __AVX512F__ themselves; Vectorized stays 256-bit.
     """
     flags = ["-O3", "-fopenmp", "-DNDEBUG"]
     x86 = platform.machine() in ("x86_64", "AMD64")
     if native and x86 and {"avx2", "fma", "f16c"} <= _cpu_flags():
         flags += ["-mavx2", "-mfma", "-mf16c"]
         flags += ["-DCPU_CAPABILITY=crvae_avx2", "-DCPU_CAPABILITY_AVX2"]
+        if {"avx512f", "avx512dq", "avx512bw", "avx512vl"} <= _cpu_flags():
+            flags += ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl"]
     return flags
 
 
