@@ -334,9 +334,13 @@ int64_t pairs_avx2(const T* x, const T* g, T* out, int64_t n) {
 }
 #endif
 
-#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#if defined(CRVAE_AVX512)
 // The same with 512-bit registers: the swap flag is a mask bit, computed for each pair's even
 // lane (the not-NaN test of the mate masks the compare) and spread to its odd lane by a shift.
+// AVX-512 code is generated for these functions only (the build defines CRVAE_AVX512 where the
+// CPU has AVX-512 F and DQ; crvae_ext/_cpp/_build.py).
+#define CRVAE_AVX512_FN __attribute__((target("avx512f,avx512dq")))
+
 template <typename T>
 struct Avx512;
 
@@ -345,15 +349,15 @@ struct Avx512<float> {
   using R = __m512;
   using M = __mmask16;
   static constexpr M kEven = 0x5555;
-  static R load(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
-  static R mate(R v) { return _mm512_permute_ps(v, 0xB1); }
-  static M even_swap(R v, R mate) {
+  CRVAE_AVX512_FN static R load(const float* p) { return _mm512_loadu_ps(p); }
+  CRVAE_AVX512_FN static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
+  CRVAE_AVX512_FN static R mate(R v) { return _mm512_permute_ps(v, 0xB1); }
+  CRVAE_AVX512_FN static M even_swap(R v, R mate) {
     const M ordered = _mm512_mask_cmp_ps_mask(kEven, mate, mate, _CMP_ORD_Q);
     return _mm512_mask_cmp_ps_mask(ordered, v, mate, _CMP_NLE_UQ);
   }
-  static M spread(M even) { return _kor_mask16(even, _kshiftli_mask16(even, 1)); }
-  static R select(R a, R b, M mask) { return _mm512_mask_mov_ps(a, mask, b); }
+  CRVAE_AVX512_FN static M spread(M even) { return _kor_mask16(even, _kshiftli_mask16(even, 1)); }
+  CRVAE_AVX512_FN static R select(R a, R b, M mask) { return _mm512_mask_mov_ps(a, mask, b); }
 };
 
 template <>
@@ -361,20 +365,20 @@ struct Avx512<double> {
   using R = __m512d;
   using M = __mmask8;
   static constexpr M kEven = 0x55;
-  static R load(const double* p) { return _mm512_loadu_pd(p); }
-  static void store(double* p, R v) { _mm512_storeu_pd(p, v); }
-  static R mate(R v) { return _mm512_permute_pd(v, 0x55); }
-  static M even_swap(R v, R mate) {
+  CRVAE_AVX512_FN static R load(const double* p) { return _mm512_loadu_pd(p); }
+  CRVAE_AVX512_FN static void store(double* p, R v) { _mm512_storeu_pd(p, v); }
+  CRVAE_AVX512_FN static R mate(R v) { return _mm512_permute_pd(v, 0x55); }
+  CRVAE_AVX512_FN static M even_swap(R v, R mate) {
     const M ordered = _mm512_mask_cmp_pd_mask(kEven, mate, mate, _CMP_ORD_Q);
     return _mm512_mask_cmp_pd_mask(ordered, v, mate, _CMP_NLE_UQ);
   }
-  static M spread(M even) { return _kor_mask8(even, _kshiftli_mask8(even, 1)); }
-  static R select(R a, R b, M mask) { return _mm512_mask_mov_pd(a, mask, b); }
+  CRVAE_AVX512_FN static M spread(M even) { return _kor_mask8(even, _kshiftli_mask8(even, 1)); }
+  CRVAE_AVX512_FN static R select(R a, R b, M mask) { return _mm512_mask_mov_pd(a, mask, b); }
 };
 
 // n adjacent pairs as pairs_avx2 does them, a 64-byte vector at a time; returns pairs done.
 template <typename T>
-int64_t pairs_avx512(const T* x, const T* g, T* out, int64_t n) {
+CRVAE_AVX512_FN int64_t pairs_avx512(const T* x, const T* g, T* out, int64_t n) {
   using A = Avx512<T>;
   using M = typename A::M;
   constexpr int64_t width = 64 / sizeof(T);
@@ -395,7 +399,7 @@ int64_t pairs_avx512(const T* x, const T* g, T* out, int64_t n) {
 template <typename T>
 int64_t pairs_simd(const T* x, const T* g, T* out, int64_t n) {
   int64_t j = 0;
-#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#if defined(CRVAE_AVX512)
   j = pairs_avx512<T>(x, g, out, n);
 #endif
 #if defined(CPU_CAPABILITY_AVX2)
