@@ -335,60 +335,34 @@ int64_t pairs_avx2(const T* x, const T* g, T* out, int64_t n) {
 #endif
 
 #if defined(CRVAE_AVX512)
-// The same with 512-bit registers: the swap flag is a mask bit, computed for each pair's even
-// lane (the not-NaN test of the mate masks the compare) and spread to its odd lane by a shift.
-// AVX-512 code is generated for these functions only (the build defines CRVAE_AVX512 where the
-// CPU has AVX-512 F and DQ; crvae_ext/_cpp/_build.py).
+// The same for float with 512-bit registers: the swap flag is a mask bit, computed for each
+// pair's even lane (the not-NaN test of the mate masks the compare) and spread to its odd lane
+// by a shift. AVX-512 code is generated for these functions only; the build defines
+// CRVAE_AVX512 where the CPU has AVX-512 F and DQ (crvae_ext/_cpp/_build.py).
 #define CRVAE_AVX512_FN __attribute__((target("avx512f,avx512dq")))
 
-template <typename T>
-struct Avx512;
-
-template <>
-struct Avx512<float> {
+struct Avx512 {
   using R = __m512;
   using M = __mmask16;
   static constexpr M kEven = 0x5555;
   CRVAE_AVX512_FN static R load(const float* p) { return _mm512_loadu_ps(p); }
-  CRVAE_AVX512_FN static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
   CRVAE_AVX512_FN static R mate(R v) { return _mm512_permute_ps(v, 0xB1); }
   CRVAE_AVX512_FN static M even_swap(R v, R mate) {
     const M ordered = _mm512_mask_cmp_ps_mask(kEven, mate, mate, _CMP_ORD_Q);
     return _mm512_mask_cmp_ps_mask(ordered, v, mate, _CMP_NLE_UQ);
   }
   CRVAE_AVX512_FN static M spread(M even) { return _kor_mask16(even, _kshiftli_mask16(even, 1)); }
-  CRVAE_AVX512_FN static R select(R a, R b, M mask) { return _mm512_mask_mov_ps(a, mask, b); }
 };
 
-template <>
-struct Avx512<double> {
-  using R = __m512d;
-  using M = __mmask8;
-  static constexpr M kEven = 0x55;
-  CRVAE_AVX512_FN static R load(const double* p) { return _mm512_loadu_pd(p); }
-  CRVAE_AVX512_FN static void store(double* p, R v) { _mm512_storeu_pd(p, v); }
-  CRVAE_AVX512_FN static R mate(R v) { return _mm512_permute_pd(v, 0x55); }
-  CRVAE_AVX512_FN static M even_swap(R v, R mate) {
-    const M ordered = _mm512_mask_cmp_pd_mask(kEven, mate, mate, _CMP_ORD_Q);
-    return _mm512_mask_cmp_pd_mask(ordered, v, mate, _CMP_NLE_UQ);
-  }
-  CRVAE_AVX512_FN static M spread(M even) { return _kor_mask8(even, _kshiftli_mask8(even, 1)); }
-  CRVAE_AVX512_FN static R select(R a, R b, M mask) { return _mm512_mask_mov_pd(a, mask, b); }
-};
-
-// n adjacent pairs as pairs_avx2 does them, a 64-byte vector at a time; returns pairs done.
-template <typename T>
-CRVAE_AVX512_FN int64_t pairs_avx512(const T* x, const T* g, T* out, int64_t n) {
-  using A = Avx512<T>;
-  using M = typename A::M;
-  constexpr int64_t width = 64 / sizeof(T);
+// n adjacent float pairs as pairs_avx2 does them, 16 floats at a time; returns pairs done.
+CRVAE_AVX512_FN int64_t pairs_avx512(const float* x, const float* g, float* out, int64_t n) {
+  using A = Avx512;
   int64_t i = 0;
-  for (; i + width <= 2 * n; i += width) {
-    const typename A::R v = A::load(x + i);
-    const M even = A::even_swap(v, A::mate(v));
-    const M swap = A::spread(even);
-    const typename A::R src = g == nullptr ? v : A::load(g + i);
-    A::store(out + i, A::select(src, A::mate(src), swap));
+  for (; i + 16 <= 2 * n; i += 16) {
+    const A::R v = A::load(x + i);
+    const A::M swap = A::spread(A::even_swap(v, A::mate(v)));
+    const A::R src = g == nullptr ? v : A::load(g + i);
+    _mm512_storeu_ps(out + i, _mm512_mask_mov_ps(src, swap, A::mate(src)));
   }
   return i / 2;
 }
@@ -400,7 +374,7 @@ template <typename T>
 int64_t pairs_simd(const T* x, const T* g, T* out, int64_t n) {
   int64_t j = 0;
 #if defined(CRVAE_AVX512)
-  j = pairs_avx512<T>(x, g, out, n);
+  if constexpr (std::is_same_v<T, float>) j = pairs_avx512(x, g, out, n);
 #endif
 #if defined(CPU_CAPABILITY_AVX2)
   j += pairs_avx2<T>(x + 2 * j, g == nullptr ? nullptr : g + 2 * j, out + 2 * j, n - j);
