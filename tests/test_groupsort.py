@@ -241,7 +241,7 @@ def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 LAYOUTS = [
     ("pairs_flat_tail", (37, 10), 2, 1, None),  # 185 pairs: vector body and a scalar tail
     ("pairs_rows_sliced", (6, 24), 2, 1, lambda t: t[:, :18]),  # rows not adjacent in memory
-    # 15 pairs per row: one 64-byte vector, one 32-byte vector and a scalar tail (float, double)
+    # 15 pairs per row: float takes a 64-byte vector (where built), a 32-byte one, a scalar tail
     ("pairs_vector_tails", (9, 32), 2, 1, lambda t: t[:, :30]),
     ("quads", (5, 24), 4, 1, None),
     ("octets", (7, 48), 8, 1, None),
