@@ -95,6 +95,7 @@ cudart = sorted({l.split()[-1] for l in open("/proc/self/maps") if "libcudart" i
 print(f"libcudart mapped in this process: {cudart}")
 kernels = len(ops) - len(composite)
 print(f"SUMMARY: {kernels} kernel ops, {kernels - bad} with both CPU and CUDA kernels"
-      + ("" if bad == 0 else f", {bad} MISSING"))
-sys.exit(1 if bad or not kernels else 0)
+      + ("" if bad == 0 else f", {bad} MISSING")
+      + ("" if entries is not None else "; Python entry points NOT LOADED"))
+sys.exit(1 if bad or not kernels or entries is None else 0)
 EOF

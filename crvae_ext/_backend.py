@@ -92,12 +92,12 @@ _ENV_KEY, _INTERPRET_KEY = _torch_private.environ_keys(ENV_VAR, "TRITON_INTERPRE
 
 
 @functools.cache
-def _resolve(backend: str | None, device: torch.device, _env: object, _interpret: object):
-    """``resolve`` for one state of the variables it depends on (keyed on their raw values, read
-    again here; errors are raised, never cached) and on the device itself, whose hash is cheaper
-    than its ``type``."""
+def _resolve(backend: str | None, device: torch.device, env_raw: object, _interpret: object):
+    """``resolve`` for one state of the variables it depends on (keyed on their raw values;
+    errors are raised, never cached) and on the device itself, whose hash is cheaper than its
+    ``type``."""
     device_type = device.type
-    env = _torch_private.getenv(ENV_VAR)
+    env = _torch_private.environ_decode(env_raw)
     name = backend if backend is not None else (env or "auto")
     if backend is None and name != "auto" and name not in BACKENDS:
         raise ValueError(f"${ENV_VAR} must be 'auto' or one of {BACKENDS}, got {name!r}")

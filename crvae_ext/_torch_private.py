@@ -25,6 +25,7 @@ def _lookup(path: str) -> Callable | None:
 
 
 _functorch_active = _lookup("_C._are_functorch_transforms_active")
+_function_mode = _lookup("_C._is_torch_function_mode_enabled")
 _has_kernel = _lookup("_C._dispatch_has_kernel_for_dispatch_key")
 
 
@@ -32,6 +33,12 @@ def functorch_active() -> bool:
     """True under a torch.func transform (vmap, grad, jacrev, ...); True where unknowable, so
     callers take their transform-safe path."""
     return True if _functorch_active is None else bool(_functorch_active())
+
+
+def torch_function_mode() -> bool:
+    """True while a TorchFunctionMode is active (it must see every op call); True where
+    unknowable."""
+    return True if _function_mode is None else bool(_function_mode())
 
 
 def has_kernel(op_name: str, dispatch_key: str) -> bool:
@@ -132,6 +139,13 @@ def environ_keys(*names: str) -> tuple:
 # The raw value of a variable named by a key from environ_keys, None where unset: cheap to read
 # and to hash, and equal raw values are equal values.
 environ_raw: Callable[[object], object] = _ENVIRON_DATA.get if _DIRECT_ENVIRON else os.environ.get
+
+
+def environ_decode(raw: object) -> str | None:
+    """The value that ``environ_raw`` read, as ``os.environ.get`` gives it."""
+    if raw is None or not _DIRECT_ENVIRON:
+        return raw
+    return _DECODE(raw)
 
 
 @contextlib.contextmanager

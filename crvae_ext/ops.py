@@ -301,13 +301,24 @@ def _differentiable(function: type[torch.autograd.Function], op: Callable, name:
     return run
 
 
+@functools.cache
+def eager_entry(name: str, backend: str) -> Callable | None:
+    """``kernel(name, backend)``, or the backend's faster entry point for it where it has one
+    (cpp: the library's Python module). Only for plain tensors with no TorchFunctionMode
+    active: that entry does not look for ``__torch_function__``. Looked up once per pair."""
+    entry = getattr(_backend.kernels(backend), "entry", None)
+    return (entry(name) if entry is not None else None) or kernel(name, backend)
+
+
 def groupsort_checked(x: object, backend: str | None) -> Callable | None:
     """The backend's one-call groupsort for ``x`` in plain eager mode, or None: it checks its
     arguments itself (raising ValueError or TypeError before any work), normalises ``dim``
     and records its own node only where a gradient is wanted (cpp: in C++)."""
     if type(x) is not torch.Tensor or not _backend.plain_eager():
         return None
-    return kernel("groupsort_autograd", _backend.resolve(backend, x.device))
+    if _torch_private.torch_function_mode():
+        return None
+    return eager_entry("groupsort_autograd", _backend.resolve(backend, x.device))
 
 
 def _requires_grad(arg: Any) -> bool:

@@ -124,9 +124,11 @@ def test_python_entries_serve_the_per_step_kernels():
 
     entries = _cpp._load_once()[1]
     assert entries is not None
-    entry = ops.kernel("groupsort_autograd", "cpp")
+    entry = ops.eager_entry("groupsort_autograd", "cpp")
     assert entry is entries.groupsort_autograd
-    assert ops.kernel("lip_linear_train", "cpp") is entries.lip_linear_train
+    assert ops.eager_entry("lip_linear_train", "cpp") is entries.lip_linear_train
+    assert ops.kernel("groupsort_autograd", "cpp") is not entry  # __torch_function__-aware
+    assert ops.eager_entry("groupsort", "torch") is reference.groupsort
     x = torch.randn(4, 6)
     assert torch.equal(entry(x, 2, 1), reference.groupsort(x, 2, 1))
     seen = []
@@ -143,6 +145,39 @@ def test_python_entries_serve_the_per_step_kernels():
         entry(x, 4, 1)
     with pytest.raises(TypeError, match="floating"):
         entry(x.long(), 2, 1)
+
+
+@needs_cpp
+def test_subclasses_and_function_modes_see_the_ops():
+    """The fast entry points skip __torch_function__, so a tensor subclass keeps its type
+    through GroupSort and LipLinear, and a TorchFunctionMode sees their ops, on the cpp
+    backend as on the torch reference."""
+    from torch.overrides import TorchFunctionMode
+
+    class Tagged(torch.Tensor):
+        pass
+
+    for backend in ("cpp", "torch"):
+        x = torch.randn(4, 6).as_subclass(Tagged)
+        assert type(F.groupsort(x, 2, 1, backend=backend)) is Tagged
+        assert type(F.groupsort(x.clone().requires_grad_(), 2, 1, backend=backend)) is Tagged
+        layer = crvae_ext.LipLinear(6, 3, backend=backend)
+        assert type(layer(x)) is Tagged
+
+    seen = []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(4, 6)
+    layer = crvae_ext.LipLinear(6, 6, backend="cpp")
+    with Record():
+        out = F.groupsort(layer(x), 2, 1, backend="cpp")
+    assert torch.equal(out, reference.groupsort(out, 2, 1))
+    assert any("groupsort" in name for name in seen), seen
+    assert any("lip_linear" in name for name in seen), seen
 
 
 @needs_cpp

@@ -482,7 +482,7 @@ def _counting_fused_calls(monkeypatch) -> list[int]:
     """Completed calls of the backend's fused training forward from here on, one entry each
     (a call whose argument check raises, for the Python path to take over, is not counted)."""
     calls: list[int] = []
-    real = ops.kernel
+    real = ops.eager_entry
 
     def spy(name: str, backend: str):
         found = real(name, backend)
@@ -496,7 +496,7 @@ def _counting_fused_calls(monkeypatch) -> list[int]:
 
         return counted
 
-    monkeypatch.setattr(ops, "kernel", spy)
+    monkeypatch.setattr(ops, "eager_entry", spy)
     return calls
 
 

@@ -159,16 +159,20 @@ _FORWARDED = ("groupsort", "groupsort_backward", "groupsort_autograd", "lip_line
 def direct(name: str) -> Callable | None:
     """The op itself for the kernels below that only pass their arguments on to it (Python
     calls less per use), else None."""
-    return _direct(name) if name in _FORWARDED else None
+    return _torch_private.op_callable(_op(name)) if name in _FORWARDED else None
+
+
+def entry(name: str) -> Callable | None:
+    """The library's Python entry point for op ``name`` (csrc/python.cpp: no per-call parsing of
+    the arguments against the schema), else None. It does not look for ``__torch_function__``:
+    callers pass plain tensors only, with no TorchFunctionMode active."""
+    return _entry(name) if name in _FORWARDED else None
 
 
 @functools.cache
-def _direct(name: str) -> Callable:
-    """The library's Python entry point for op ``name`` where it has one (no per-call parsing
-    of the arguments against the schema), else the op's own callable."""
-    op = _op(name)
-    entry = getattr(_load_once()[1], name, None)
-    return entry if entry is not None else _torch_private.op_callable(op)
+def _entry(name: str) -> Callable | None:
+    _op(name)  # loads the library (or raises why it cannot)
+    return getattr(_load_once()[1], name, None)
 
 
 def groupsort(x: torch.Tensor, group_size: int, dim: int) -> torch.Tensor:
