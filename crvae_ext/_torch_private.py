@@ -118,14 +118,6 @@ _DECODE = getattr(os.environ, "decodevalue", None)
 _DIRECT_ENVIRON = isinstance(_ENVIRON_DATA, dict) and callable(_ENCODE) and callable(_DECODE)
 
 
-def getenv(name: str) -> str | None:
-    """``os.environ.get(name)`` without the per-call re-encoding of the name."""
-    if _DIRECT_ENVIRON:
-        value = _ENVIRON_DATA.get(_encoded(name))
-        return None if value is None else _DECODE(value)
-    return os.environ.get(name)
-
-
 @functools.cache
 def _encoded(name: str) -> object:
     return _ENCODE(name)
