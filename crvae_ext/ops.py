@@ -301,11 +301,17 @@ def _differentiable(function: type[torch.autograd.Function], op: Callable, name:
     return run
 
 
-@functools.cache
 def eager_entry(name: str, backend: str) -> Callable | None:
-    """``kernel(name, backend)``, or the backend's faster entry point for it where it has one
-    (cpp: the library's Python module). Only for plain tensors with no TorchFunctionMode
-    active: that entry does not look for ``__torch_function__``. Looked up once per pair."""
+    """``kernel(name, backend)``, or the backend's faster entry point for it (cpp: the
+    library's Python module) where it has one and no TorchFunctionMode is active: that entry
+    does not look for ``__torch_function__``, so callers pass plain tensors only."""
+    if _torch_private.torch_function_mode():
+        return kernel(name, backend)
+    return _fast_entry(name, backend)
+
+
+@functools.cache
+def _fast_entry(name: str, backend: str) -> Callable | None:
     entry = getattr(_backend.kernels(backend), "entry", None)
     return (entry(name) if entry is not None else None) or kernel(name, backend)
 
@@ -315,8 +321,6 @@ def groupsort_checked(x: object, backend: str | None) -> Callable | None:
     arguments itself (raising ValueError or TypeError before any work), normalises ``dim``
     and records its own node only where a gradient is wanted (cpp: in C++)."""
     if type(x) is not torch.Tensor or not _backend.plain_eager():
-        return None
-    if _torch_private.torch_function_mode():
         return None
     return eager_entry("groupsort_autograd", _backend.resolve(backend, x.device))
 

@@ -20,7 +20,6 @@
 // the power iteration's core runs in place, sigma and the scale are computed on the host.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -30,6 +29,7 @@
 #include <optional>
 #include <tuple>
 
+#include "dispatch.h"
 #include "power_iteration.h"
 
 namespace crvae_ext_cpp {
@@ -38,7 +38,6 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using Groupsort = at::Tensor(const at::Tensor&, int64_t, int64_t);
 using GroupsortBackward = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t);
 using PublicGroupsortBackward =
     at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t, c10::string_view);
@@ -49,11 +48,6 @@ using LipLinearBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptionalTensor&,
     const OptionalTensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
     std::array<bool, 3>);
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 class GroupsortFunction : public torch::autograd::Function<GroupsortFunction> {
  public:

@@ -4,22 +4,17 @@
 // arguments against the schema; the GIL is released as torch's own bindings do.
 // crvae_ext/_cpp/__init__.py loads this module from the library's file and falls back to
 // torch.ops where it cannot.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
 
 #include <optional>
 
+#include "dispatch.h"
+
 namespace crvae_ext_cpp {
 namespace {
 
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
 at::Tensor groupsort_autograd(const at::Tensor& x, int64_t group_size, int64_t dim) {
-  static const auto op = find_op<at::Tensor(const at::Tensor&, int64_t, int64_t)>(
-      "crvae_ext_cpp::groupsort_autograd");
+  static const auto op = find_op<Groupsort>("crvae_ext_cpp::groupsort_autograd");
   return op.call(x, group_size, dim);
 }
 

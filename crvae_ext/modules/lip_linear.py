@@ -235,8 +235,6 @@ class LipLinear(ScaledToK):
         state = self._fusable()
         if state is None or _torch_private.functorch_active():
             return None
-        if _torch_private.torch_function_mode():
-            return None  # the mode sees the Python path's ops
         kernel = ops.eager_entry("lip_linear_train", _backend.resolve(self.backend, x.device))
         if kernel is None:
             return None
