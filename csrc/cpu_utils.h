@@ -5,20 +5,41 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 
+#include <cstddef>
 #include <vector>
 
 namespace crvae_ext_cpp {
 
-// The elements of a 1-D floating tensor (any stride, any floating dtype) as doubles.
-inline std::vector<double> to_doubles(const at::Tensor& t) {
+// Where a scratch buffer serves; buffers of one name are never in use twice at once.
+enum class Scratch {
+  kPowerV,
+  kPowerVFloat,
+  kPowerU,
+  kPowerPartial,
+  kRowSums,
+  kRank1U,
+  kRank1V,
+  kRank1Row
+};
+
+// n values of T, kept per thread across calls. A training step's temporaries then take no heap
+// allocation: one would be carved out of the weight gradient that zero_grad freed, the next
+// gradient would no longer fit there, and the fresh pages it takes fault on first touch.
+template <typename T, Scratch Name>
+T* scratch(size_t n) {
+  thread_local std::vector<T> buffer;
+  if (buffer.size() < n) buffer.resize(n);
+  return buffer.data();
+}
+
+// The elements of a 1-D floating tensor (any stride, any floating dtype) as doubles, into out.
+inline void to_doubles(const at::Tensor& t, double* out) {
   TORCH_CHECK(t.dim() == 1 && t.is_floating_point(), "expected a 1-D floating tensor");
-  std::vector<double> out(static_cast<size_t>(t.size(0)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "to_doubles", [&] {
     const scalar_t* p = t.const_data_ptr<scalar_t>();
     const int64_t stride = t.stride(0);
-    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<double>(p[i * stride]);
+    for (int64_t i = 0; i < t.size(0); ++i) out[i] = static_cast<double>(p[i * stride]);
   });
-  return out;
 }
 
 // Writes values into a contiguous floating tensor of any floating dtype.

@@ -15,7 +15,6 @@
 #include <array>
 #include <optional>
 #include <tuple>
-#include <vector>
 
 #include "cpu_utils.h"
 
@@ -49,14 +48,15 @@ double rows_pass(const at::Tensor& g, T* colsum, const at::Tensor* a, const at::
   const int64_t br = a != nullptr ? b->stride(0) : 0, bc = a != nullptr ? b->stride(1) : 0;
   const int64_t chunks = std::max<int64_t>(
       1, std::min<int64_t>(at::get_num_threads(), rows * (cols + width) / (1 << 15)));
-  std::vector<double> sums(colsum != nullptr ? static_cast<size_t>(chunks * cols) : 0, 0.0);
-  std::vector<double> dots(static_cast<size_t>(chunks), 0.0);
+  double* sums = scratch<double, Scratch::kRowSums>(static_cast<size_t>(chunks * (cols + 1)));
+  double* dots = sums + chunks * cols;
+  std::fill(sums, dots + chunks, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
       double dot = 0;
       for (int64_t r = rows * c / chunks; r < rows * (c + 1) / chunks; ++r) {
         if (colsum != nullptr) {
-          double* sum = sums.data() + c * cols;
+          double* sum = sums + c * cols;
           const T* row = gp + r * gr;
 #pragma omp simd
           for (int64_t j = 0; j < cols; ++j) sum[j] += static_cast<double>(row[j * gc]);
@@ -102,11 +102,15 @@ double dot_with(const T* colsum, const at::Tensor& b) {
 // grad_w = alpha * u v^T, written (not added) into the dense weight gradient: the GEMM then
 // adds s G^T x with beta = 1, so the rank-1 term costs one write of grad_w and no extra read.
 template <typename T>
-void write_rank1(T* grad_w, int64_t rows, int64_t cols, const std::vector<double>& u,
-                 const std::vector<double>& v, double alpha) {
+void write_rank1(T* grad_w, int64_t rows, int64_t cols, const at::Tensor& u_in,
+                 const at::Tensor& v_in, double alpha) {
   using Op = at::opmath_type<T>;
-  std::vector<Op> v_op(v.begin(), v.end());
-  const Op* vp = v_op.data();
+  double* u = scratch<double, Scratch::kRank1U>(static_cast<size_t>(rows));
+  double* v = scratch<double, Scratch::kRank1V>(static_cast<size_t>(cols));
+  to_doubles(u_in, u);
+  to_doubles(v_in, v);
+  Op* vp = scratch<Op, Scratch::kRank1Row>(static_cast<size_t>(cols));
+  std::copy_n(v, cols, vp);
   at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(cols, 1)),
                    [&](int64_t begin, int64_t end) {
                      for (int64_t i = begin; i < end; ++i) {
@@ -131,11 +135,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lip_linear_backward_cpu(
   // bias enter (no cancellation against a large bias); else <G, y> - <1^T G, b>.
   const bool via_y = need_w && !need_x;
   const bool sums = has_bias && (need_b || via_y);
-  // The outputs first, temporaries after: the freed gradients of the previous step are then
-  // reused whole instead of being split by a temporary (fresh pages would fault on first touch).
+  // The outputs first, in nn.Linear's order (x's gradient, then W's), temporaries in per-thread
+  // scratch (cpu_utils.h): the freed gradients of the previous step are then reused whole
+  // instead of being split by a temporary (fresh pages would fault on first touch).
   const auto dense = weight.options().memory_format(at::MemoryFormat::Contiguous);
-  at::Tensor grad_w = need_w ? at::empty(weight.sizes(), dense) : at::Tensor();
   at::Tensor grad_x = need_x ? at::empty({x.size(0), x.size(1)}, x.options()) : at::Tensor();
+  at::Tensor grad_w = need_w ? at::empty(weight.sizes(), dense) : at::Tensor();
   at::Tensor grad_b = sums ? at::empty({weight.size(0)}, grad_in.options()) : at::Tensor();
   // One dense copy of an expanded or strided grad (y.sum() gives a stride-0 one) serves both
   // GEMMs and the row pass; each GEMM would otherwise make its own.
@@ -158,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lip_linear_backward_cpu(
     // dW = s G^T x - (s / k) <G, y - b> u v^T: the rank-1 term first, then the GEMM adds to it.
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_w.scalar_type(), "rank1", [&] {
       write_rank1(grad_w.mutable_data_ptr<scalar_t>(), grad_w.size(0), grad_w.size(1),
-                  to_doubles(u), to_doubles(v), -inner * alpha / lipschitz);
+                  u, v, -inner * alpha / lipschitz);
     });
     at::addmm_out(grad_w, grad_w, grad.t(), x, /*beta=*/1, alpha);
   }

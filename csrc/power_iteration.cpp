@@ -3,7 +3,8 @@
 // A step needs t = W v and s = W^T t: both come out of one pass over row blocks of W, since
 // s = sum_i w_i (w_i . v) and a block of rows is still in cache when its t_i are known. Threads
 // take contiguous row blocks with private partial sums of s, added up after the pass. Every
-// sum is accumulated in double, whatever the weight's dtype.
+// sum is accumulated in double, whatever the weight's dtype; the float kernel (AVX2) forms its
+// products and four-row sums in float first (row_block<float>), within ~1e-7 of float64.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -14,7 +15,6 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
-#include <vector>
 
 #include "cpu_utils.h"
 #include "power_iteration.h"
@@ -28,7 +28,8 @@ static_assert(kRows == 4, "row_block is written out for four rows");
 
 // t[r] = w_r . v for kRows rows at w (row stride ld), then s += sum_r t[r] w_r.
 template <typename T>
-inline void row_block(const T* w, int64_t ld, int64_t n, const double* v, double* t, double* s) {
+inline void row_block(const T* w, int64_t ld, int64_t n, const double* v, const float* /*vf*/,
+                      double* t, double* s) {
   const T *w0 = w, *w1 = w + ld, *w2 = w + 2 * ld, *w3 = w + 3 * ld;
   double a0 = 0, a1 = 0, a2 = 0, a3 = 0;
 #pragma omp simd reduction(+ : a0, a1, a2, a3)
@@ -51,43 +52,58 @@ inline void row_block(const T* w, int64_t ld, int64_t n, const double* v, double
 }
 
 #if defined(CPU_CAPABILITY_AVX2)
-// The float case with AVX2 by hand: 8 columns per step, two double accumulators per row.
+// The float case with AVX2 by hand, 8 columns per step. The products and the four-row sums are
+// formed in float and every kColumns columns (or four-row block) added into double: about half
+// the instructions of an all-double pass, and each sum's float part spans at most kColumns
+// products per lane group (t) or four (s).
+constexpr int64_t kColumns = 128;
+
+inline __m256d widen_sum(__m256 a) {
+  return _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(a)),
+                       _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)));
+}
+
 inline double sum4(__m256d a) {
   const __m128d pair = _mm_add_pd(_mm256_castpd256_pd128(a), _mm256_extractf128_pd(a, 1));
   return _mm_cvtsd_f64(_mm_add_sd(pair, _mm_unpackhi_pd(pair, pair)));
 }
 
 template <>
-inline void row_block<float>(const float* w, int64_t ld, int64_t n, const double* v, double* t,
-                             double* s) {
+inline void row_block<float>(const float* w, int64_t ld, int64_t n, const double* v,
+                             const float* vf, double* t, double* s) {
   const float* rows[kRows] = {w, w + ld, w + 2 * ld, w + 3 * ld};
-  __m256d lo[kRows], hi[kRows];
-  for (int r = 0; r < kRows; ++r) lo[r] = hi[r] = _mm256_setzero_pd();
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const __m256d v_lo = _mm256_loadu_pd(v + j), v_hi = _mm256_loadu_pd(v + j + 4);
-    for (int r = 0; r < kRows; ++r) {
-      lo[r] = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(rows[r] + j)), v_lo, lo[r]);
-      hi[r] = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(rows[r] + j + 4)), v_hi, hi[r]);
+  __m256d total[kRows];
+  for (int r = 0; r < kRows; ++r) total[r] = _mm256_setzero_pd();
+  const int64_t body = n / 8 * 8;
+  for (int64_t start = 0; start < body; start += kColumns) {
+    const int64_t stop = std::min(body, start + kColumns);
+    __m256 acc[kRows];
+    for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t j = start; j < stop; j += 8) {
+      const __m256 vj = _mm256_loadu_ps(vf + j);
+      for (int r = 0; r < kRows; ++r) {
+        acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(rows[r] + j), vj, acc[r]);
+      }
     }
+    for (int r = 0; r < kRows; ++r) total[r] = _mm256_add_pd(total[r], widen_sum(acc[r]));
   }
   double a[kRows];
   for (int r = 0; r < kRows; ++r) {
-    a[r] = sum4(_mm256_add_pd(lo[r], hi[r]));
-    for (int64_t k = j; k < n; ++k) a[r] += static_cast<double>(rows[r][k]) * v[k];
+    a[r] = sum4(total[r]);
+    for (int64_t k = body; k < n; ++k) a[r] += static_cast<double>(rows[r][k]) * v[k];
     t[r] = a[r];
   }
-  __m256d coef[kRows];
-  for (int r = 0; r < kRows; ++r) coef[r] = _mm256_set1_pd(a[r]);
-  int64_t k = 0;
-  for (; k + 4 <= n; k += 4) {
-    __m256d acc = _mm256_loadu_pd(s + k);
-    for (int r = 0; r < kRows; ++r) {
-      acc = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(rows[r] + k)), coef[r], acc);
-    }
-    _mm256_storeu_pd(s + k, acc);
+  __m256 coef[kRows];
+  for (int r = 0; r < kRows; ++r) coef[r] = _mm256_set1_ps(static_cast<float>(a[r]));
+  for (int64_t k = 0; k < body; k += 8) {
+    __m256 f = _mm256_mul_ps(_mm256_loadu_ps(rows[0] + k), coef[0]);
+    for (int r = 1; r < kRows; ++r) f = _mm256_fmadd_ps(_mm256_loadu_ps(rows[r] + k), coef[r], f);
+    _mm256_storeu_pd(s + k, _mm256_add_pd(_mm256_loadu_pd(s + k),
+                                          _mm256_cvtps_pd(_mm256_castps256_ps128(f))));
+    _mm256_storeu_pd(s + k + 4, _mm256_add_pd(_mm256_loadu_pd(s + k + 4),
+                                              _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1))));
   }
-  for (; k < n; ++k) {
+  for (int64_t k = body; k < n; ++k) {
     for (int r = 0; r < kRows; ++r) s[k] += static_cast<double>(rows[r][k]) * a[r];
   }
 }
@@ -107,10 +123,10 @@ inline void one_row(const T* w, int64_t n, const double* v, double* t, double* s
 // Rows [begin, end) of W: t for those rows and their share of s (overwritten).
 template <typename T>
 void rows_pass(const T* w, int64_t ld, int64_t n, int64_t begin, int64_t end, const double* v,
-               double* t, double* s) {
+               const float* vf, double* t, double* s) {
   std::fill(s, s + n, 0.0);
   int64_t i = begin;
-  for (; i + kRows <= end; i += kRows) row_block(w + i * ld, ld, n, v, t + i, s);
+  for (; i + kRows <= end; i += kRows) row_block(w + i * ld, ld, n, v, vf, t + i, s);
   for (; i < end; ++i) one_row(w + i * ld, n, v, t + i, s);
 }
 
@@ -129,19 +145,21 @@ double iterate(const T* w, int64_t m, int64_t n, int64_t ld, int64_t n_iters, do
   const int64_t chunks =
       std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / (1 << 16)));
   const int64_t rows_per_chunk = (m / chunks + kRows - 1) / kRows * kRows;
-  std::vector<double> partial(static_cast<size_t>(chunks * n));
+  double* partial = scratch<double, Scratch::kPowerPartial>(static_cast<size_t>(chunks * n));
+  float* vf = scratch<float, Scratch::kPowerVFloat>(static_cast<size_t>(n));
   double sigma = 0;
   for (int64_t step = 0; step < n_iters; ++step) {
+    std::copy_n(v, n, vf);
     at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
       for (int64_t c = first; c < last; ++c) {
         const int64_t begin = std::min(m, c * rows_per_chunk);
         const int64_t end = c + 1 == chunks ? m : std::min(m, begin + rows_per_chunk);
-        rows_pass(w, ld, n, begin, end, v, u, partial.data() + c * n);
+        rows_pass(w, ld, n, begin, end, v, vf, u, partial + c * n);
       }
     });
-    double* s = partial.data();
+    double* s = partial;
     for (int64_t c = 1; c < chunks; ++c) {
-      const double* other = partial.data() + c * n;
+      const double* other = partial + c * n;
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) s[j] += other[j];
     }
@@ -183,19 +201,21 @@ PowerIterationStep power_iteration_step(const at::Tensor& weight_in, const at::T
       (n <= 1 || weight_in.stride(1) == 1) && (m <= 1 || weight_in.stride(0) >= n);
   const at::Tensor weight = rows_dense ? weight_in : weight_in.contiguous();
   const int64_t ld = weight.stride(0);
-  std::vector<double> v = to_doubles(v_in), u(static_cast<size_t>(m));
+  double* v = scratch<double, Scratch::kPowerV>(static_cast<size_t>(n));
+  double* u = scratch<double, Scratch::kPowerU>(static_cast<size_t>(m));
+  to_doubles(v_in, v);
   PowerIterationStep step{};
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, weight.scalar_type(), "power_iteration", [&] {
         step.sigma =
-            iterate(weight.const_data_ptr<scalar_t>(), m, n, ld, n_iters, v.data(), u.data());
+            iterate(weight.const_data_ptr<scalar_t>(), m, n, ld, n_iters, v, u);
       });
   const auto out =
       weight.options().dtype(weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   step.u = at::empty({m}, out);
   step.v = at::empty({n}, out);
-  from_doubles(u.data(), step.u);
-  from_doubles(v.data(), step.v);
+  from_doubles(u, step.u);
+  from_doubles(v, step.v);
   return step;
 }
 
