@@ -14,7 +14,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <tuple>
+#include <type_traits>
 
 #include "cpu_utils.h"
 #include "power_iteration.h"
@@ -23,13 +26,16 @@ namespace crvae_ext_cpp {
 namespace {
 
 constexpr double kEps = 1e-12;  // as reference.power_iteration: |.| is clamped to >= kEps
+// |W v| below this times |v| sends a step of the float-product kernel to the exact one: float
+// products of such small rows may have lost digits to underflow.
+constexpr double kFloatFloor = 1e-20;
 constexpr int64_t kRows = 4;    // rows per block: v and s are streamed once per block
 static_assert(kRows == 4, "row_block is written out for four rows");
 
-// t[r] = w_r . v for kRows rows at w (row stride ld), then s += sum_r t[r] w_r.
+// t[r] = w_r . v for kRows rows at w (row stride ld), then s += sum_r t[r] w_r, in double.
 template <typename T>
-inline void row_block(const T* w, int64_t ld, int64_t n, const double* v, const float* /*vf*/,
-                      double* t, double* s) {
+inline void row_block_exact(const T* w, int64_t ld, int64_t n, const double* v, double* t,
+                            double* s) {
   const T *w0 = w, *w1 = w + ld, *w2 = w + 2 * ld, *w3 = w + 3 * ld;
   double a0 = 0, a1 = 0, a2 = 0, a3 = 0;
 #pragma omp simd reduction(+ : a0, a1, a2, a3)
@@ -51,12 +57,34 @@ inline void row_block(const T* w, int64_t ld, int64_t n, const double* v, const 
   t[3] = a3;
 }
 
+// The same; vf (v in float) lets a float weight take its float-product kernel.
+template <typename T>
+inline void row_block(const T* w, int64_t ld, int64_t n, const double* v, const float* /*vf*/,
+                      double* t, double* s) {
+  row_block_exact(w, ld, n, v, t, s);
+}
+
 #if defined(CPU_CAPABILITY_AVX2)
+constexpr bool kFloatProducts = true;
 // The float case with AVX2 by hand, 8 columns per step. The products and the four-row sums are
 // formed in float and every kColumns columns (or four-row block) added into double: about half
 // the instructions of an all-double pass, and each sum's float part spans at most kColumns
-// products per lane group (t) or four (s).
+// products per lane group (t) or four (s). The four t[r] enter s scaled by a power of two near
+// their largest (exact), so the products stay near |w|; an overflow or underflow of the float
+// parts makes iterate() redo the step exactly.
 constexpr int64_t kColumns = 128;
+
+// unit = 2^e with e the binary exponent of x (0 < x < 2^1023, else 1), inverse = 2^-e: both
+// exact, so scaling by them rounds nothing.
+inline void power_of_two_near(double x, double* unit, double* inverse) {
+  uint64_t bits = 0;
+  std::memcpy(&bits, &x, sizeof bits);
+  const uint64_t biased = (bits >> 52) & 0x7ff;
+  if (biased == 0 || biased >= 2046) return;
+  const uint64_t unit_bits = biased << 52, inverse_bits = (2046 - biased) << 52;
+  std::memcpy(unit, &unit_bits, sizeof unit_bits);
+  std::memcpy(inverse, &inverse_bits, sizeof inverse_bits);
+}
 
 inline __m256d widen_sum(__m256 a) {
   return _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(a)),
@@ -71,6 +99,10 @@ inline double sum4(__m256d a) {
 template <>
 inline void row_block<float>(const float* w, int64_t ld, int64_t n, const double* v,
                              const float* vf, double* t, double* s) {
+  if (vf == nullptr) {
+    row_block_exact(w, ld, n, v, t, s);
+    return;
+  }
   const float* rows[kRows] = {w, w + ld, w + 2 * ld, w + 3 * ld};
   __m256d total[kRows];
   for (int r = 0; r < kRows; ++r) total[r] = _mm256_setzero_pd();
@@ -93,20 +125,27 @@ inline void row_block<float>(const float* w, int64_t ld, int64_t n, const double
     for (int64_t k = body; k < n; ++k) a[r] += static_cast<double>(rows[r][k]) * v[k];
     t[r] = a[r];
   }
+  const double largest =
+      std::max({std::abs(a[0]), std::abs(a[1]), std::abs(a[2]), std::abs(a[3])});
+  double unit = 1, inverse = 1;
+  power_of_two_near(largest, &unit, &inverse);
   __m256 coef[kRows];
-  for (int r = 0; r < kRows; ++r) coef[r] = _mm256_set1_ps(static_cast<float>(a[r]));
+  for (int r = 0; r < kRows; ++r) coef[r] = _mm256_set1_ps(static_cast<float>(a[r] * inverse));
+  const __m256d units = _mm256_set1_pd(unit);
   for (int64_t k = 0; k < body; k += 8) {
     __m256 f = _mm256_mul_ps(_mm256_loadu_ps(rows[0] + k), coef[0]);
     for (int r = 1; r < kRows; ++r) f = _mm256_fmadd_ps(_mm256_loadu_ps(rows[r] + k), coef[r], f);
-    _mm256_storeu_pd(s + k, _mm256_add_pd(_mm256_loadu_pd(s + k),
-                                          _mm256_cvtps_pd(_mm256_castps256_ps128(f))));
-    _mm256_storeu_pd(s + k + 4, _mm256_add_pd(_mm256_loadu_pd(s + k + 4),
-                                              _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1))));
+    _mm256_storeu_pd(s + k, _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(f)), units,
+                                            _mm256_loadu_pd(s + k)));
+    _mm256_storeu_pd(s + k + 4, _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)),
+                                                units, _mm256_loadu_pd(s + k + 4)));
   }
   for (int64_t k = body; k < n; ++k) {
     for (int r = 0; r < kRows; ++r) s[k] += static_cast<double>(rows[r][k]) * a[r];
   }
 }
+#else
+constexpr bool kFloatProducts = false;
 #endif
 
 // The same for a single row (the tail of a row range).
@@ -147,24 +186,43 @@ double iterate(const T* w, int64_t m, int64_t n, int64_t ld, int64_t n_iters, do
   const int64_t rows_per_chunk = (m / chunks + kRows - 1) / kRows * kRows;
   double* partial = scratch<double, Scratch::kPowerPartial>(static_cast<size_t>(chunks * n));
   float* vf = scratch<float, Scratch::kPowerVFloat>(static_cast<size_t>(n));
-  double sigma = 0;
-  for (int64_t step = 0; step < n_iters; ++step) {
-    std::copy_n(v, n, vf);
+  constexpr bool fast = kFloatProducts && std::is_same_v<T, float>;
+  // t = W v into u and s = W^T t into partial (float products where vf is given)
+  const auto pass = [&](const float* products) {
     at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
       for (int64_t c = first; c < last; ++c) {
         const int64_t begin = std::min(m, c * rows_per_chunk);
         const int64_t end = c + 1 == chunks ? m : std::min(m, begin + rows_per_chunk);
-        rows_pass(w, ld, n, begin, end, v, vf, u, partial + c * n);
+        rows_pass(w, ld, n, begin, end, v, products, u, partial + c * n);
       }
     });
-    double* s = partial;
     for (int64_t c = 1; c < chunks; ++c) {
       const double* other = partial + c * n;
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) s[j] += other[j];
+      for (int64_t j = 0; j < n; ++j) partial[j] += other[j];
+    }
+  };
+  double* s = partial;
+  double sigma = 0;
+  for (int64_t step = 0; step < n_iters; ++step) {
+    double t_norm = 0;
+    if (fast) {
+      std::copy_n(v, n, vf);
+      pass(vf);
+      t_norm = norm(u, m);
+      // float parts overflowed (inf, NaN) or may have underflowed (|t| tiny against |v|):
+      // the step again with every product in double
+      if (!(std::isfinite(t_norm) && std::isfinite(norm(s, n)) &&
+            t_norm >= kFloatFloor * norm(v, n))) {
+        pass(nullptr);
+        t_norm = norm(u, m);
+      }
+    } else {
+      pass(nullptr);
+      t_norm = norm(u, m);
     }
     // u = t / |t|, s = W^T u = s / |t|, sigma = |s|, v = s / sigma (norms clamped to kEps).
-    const double t_norm = std::max(norm(u, m), kEps);
+    t_norm = std::max(t_norm, kEps);
     for (int64_t i = 0; i < m; ++i) u[i] /= t_norm;
     for (int64_t j = 0; j < n; ++j) s[j] /= t_norm;
     sigma = norm(s, n);

@@ -70,6 +70,22 @@ def test_cpp_matches_float64_reference(shape, dtype, n_iters):
 
 
 @needs_cpp
+@pytest.mark.parametrize("magnitude", [1e-37, 1e-30, 1e-15, 1e15, 1e20, 1e30, 1e37])
+def test_cpp_float_weight_far_from_one(magnitude):
+    """A float weight whose products leave float's range in the float-product kernel (products
+    near 1e-38 or sums near 3e38) gives the float64 iteration's result: the kernel redoes such
+    a step in double."""
+    w = (torch.randn(64, 200, dtype=torch.float64) * magnitude).float()
+    v = torch.randn(200) * 3  # not a unit vector: the first step's products scale with it
+    want = reference.power_iteration(w.double(), v.double(), 3)
+    got = _cpp.power_iteration(w, v, 3)
+    for g, e in zip(got, want, strict=True):
+        assert torch.isfinite(g).all()
+        expected = e.to(g.dtype)  # below float's range the float64 value rounds to 0 too
+        torch.testing.assert_close(g, expected, rtol=2e-6, atol=1e-7 * expected.abs().max().item())
+
+
+@needs_cpp
 def test_cpp_layouts_and_zero_weight():
     w = torch.randn(40, 70, dtype=torch.float64)
     v = torch.randn(140, dtype=torch.float64)[::2]  # strided v
