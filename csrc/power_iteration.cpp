@@ -4,7 +4,8 @@
 // s = sum_i w_i (w_i . v) and a block of rows is still in cache when its t_i are known. Threads
 // take contiguous row blocks with private partial sums of s, added up after the pass. Every
 // sum is accumulated in double, whatever the weight's dtype; the float kernel (AVX2) forms its
-// products and four-row sums in float first (row_block<float>), within ~1e-7 of float64.
+// products and four-row sums in float first (row_block<float>): float's rounding relative to
+// sum |w_ij v_j|, about 1e-7 of the float64 iteration's result unless t = W v cancels.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -16,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 
@@ -57,23 +59,6 @@ inline void row_block_exact(const T* w, int64_t ld, int64_t n, const double* v, 
   t[3] = a3;
 }
 
-// The same; vf (v in float) lets a float weight take its float-product kernel.
-template <typename T>
-inline void row_block(const T* w, int64_t ld, int64_t n, const double* v, const float* /*vf*/,
-                      double* t, double* s) {
-  row_block_exact(w, ld, n, v, t, s);
-}
-
-#if defined(CPU_CAPABILITY_AVX2)
-constexpr bool kFloatProducts = true;
-// The float case with AVX2 by hand, 8 columns per step. The products and the four-row sums are
-// formed in float and every kColumns columns (or four-row block) added into double: about half
-// the instructions of an all-double pass, and each sum's float part spans at most kColumns
-// products per lane group (t) or four (s). The four t[r] enter s scaled by a power of two near
-// their largest (exact), so the products stay near |w|; an overflow or underflow of the float
-// parts makes iterate() redo the step exactly.
-constexpr int64_t kColumns = 128;
-
 // unit = 2^e with e the binary exponent of x (0 < x < 2^1023, else 1), inverse = 2^-e: both
 // exact, so scaling by them rounds nothing.
 inline void power_of_two_near(double x, double* unit, double* inverse) {
@@ -85,6 +70,32 @@ inline void power_of_two_near(double x, double* unit, double* inverse) {
   std::memcpy(unit, &unit_bits, sizeof unit_bits);
   std::memcpy(inverse, &inverse_bits, sizeof inverse_bits);
 }
+
+// v in float for the float-product kernel: values = v / unit, unit a power of two that brings
+// the largest |v_j| near 1 (v may be far from unit length: the stored buffer, the caller's v).
+struct FloatV {
+  const float* values;
+  double unit;
+};
+
+// The same; fv (null: every product in double) lets a float weight take its float kernel.
+template <typename T>
+inline void row_block(const T* w, int64_t ld, int64_t n, const double* v, const FloatV* /*fv*/,
+                      double* t, double* s) {
+  row_block_exact(w, ld, n, v, t, s);
+}
+
+#if defined(CPU_CAPABILITY_AVX2)
+constexpr bool kFloatProducts = true;
+// The float case with AVX2 by hand, 8 columns per step. The products and the four-row sums are
+// formed in float and every kColumns columns (or four-row block) added into double: about half
+// the instructions of an all-double pass, and each sum's float part spans at most kColumns
+// products per lane group (t) or four (s), so its rounding is float's relative to sum |w_ij v_j|
+// (as torch.mv in float32), not to |t_i|: a v close to W's null space loses digits of t in that
+// step, which later steps do not inherit. v enters scaled by a power of two near its largest
+// entry and the four t[r] enter s scaled likewise (exact), so the products stay near |w|; an
+// overflow or underflow of the float parts makes iterate() redo the step exactly.
+constexpr int64_t kColumns = 128;
 
 inline __m256d widen_sum(__m256 a) {
   return _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(a)),
@@ -98,11 +109,12 @@ inline double sum4(__m256d a) {
 
 template <>
 inline void row_block<float>(const float* w, int64_t ld, int64_t n, const double* v,
-                             const float* vf, double* t, double* s) {
-  if (vf == nullptr) {
+                             const FloatV* fv, double* t, double* s) {
+  if (fv == nullptr) {
     row_block_exact(w, ld, n, v, t, s);
     return;
   }
+  const float* vf = fv->values;
   const float* rows[kRows] = {w, w + ld, w + 2 * ld, w + 3 * ld};
   __m256d total[kRows];
   for (int r = 0; r < kRows; ++r) total[r] = _mm256_setzero_pd();
@@ -121,7 +133,7 @@ inline void row_block<float>(const float* w, int64_t ld, int64_t n, const double
   }
   double a[kRows];
   for (int r = 0; r < kRows; ++r) {
-    a[r] = sum4(total[r]);
+    a[r] = sum4(total[r]) * fv->unit;
     for (int64_t k = body; k < n; ++k) a[r] += static_cast<double>(rows[r][k]) * v[k];
     t[r] = a[r];
   }
@@ -162,10 +174,10 @@ inline void one_row(const T* w, int64_t n, const double* v, double* t, double* s
 // Rows [begin, end) of W: t for those rows and their share of s (overwritten).
 template <typename T>
 void rows_pass(const T* w, int64_t ld, int64_t n, int64_t begin, int64_t end, const double* v,
-               const float* vf, double* t, double* s) {
+               const FloatV* fv, double* t, double* s) {
   std::fill(s, s + n, 0.0);
   int64_t i = begin;
-  for (; i + kRows <= end; i += kRows) row_block(w + i * ld, ld, n, v, vf, t + i, s);
+  for (; i + kRows <= end; i += kRows) row_block(w + i * ld, ld, n, v, fv, t + i, s);
   for (; i < end; ++i) one_row(w + i * ld, n, v, t + i, s);
 }
 
@@ -187,8 +199,8 @@ double iterate(const T* w, int64_t m, int64_t n, int64_t ld, int64_t n_iters, do
   double* partial = scratch<double, Scratch::kPowerPartial>(static_cast<size_t>(chunks * n));
   float* vf = scratch<float, Scratch::kPowerVFloat>(static_cast<size_t>(n));
   constexpr bool fast = kFloatProducts && std::is_same_v<T, float>;
-  // t = W v into u and s = W^T t into partial (float products where vf is given)
-  const auto pass = [&](const float* products) {
+  // t = W v into u and s = W^T t into partial (float products where fv is given)
+  const auto pass = [&](const FloatV* products) {
     at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
       for (int64_t c = first; c < last; ++c) {
         const int64_t begin = std::min(m, c * rows_per_chunk);
@@ -206,9 +218,14 @@ double iterate(const T* w, int64_t m, int64_t n, int64_t ld, int64_t n_iters, do
   double sigma = 0;
   for (int64_t step = 0; step < n_iters; ++step) {
     double t_norm = 0;
-    if (fast) {
-      std::copy_n(v, n, vf);
-      pass(vf);
+    double largest = 0;
+    for (int64_t j = 0; fast && j < n; ++j) largest = std::max(largest, std::abs(v[j]));
+    if (fast && largest >= std::numeric_limits<double>::min() && std::isfinite(largest)) {
+      FloatV fv{vf, 1.0};
+      double inverse = 1;
+      power_of_two_near(largest, &fv.unit, &inverse);
+      for (int64_t j = 0; j < n; ++j) vf[j] = static_cast<float>(v[j] * inverse);
+      pass(&fv);
       t_norm = norm(u, m);
       // float parts overflowed (inf, NaN) or may have underflowed (|t| tiny against |v|):
       // the step again with every product in double

@@ -86,6 +86,20 @@ def test_cpp_float_weight_far_from_one(magnitude):
 
 
 @needs_cpp
+@pytest.mark.parametrize("v_scale", [1e-42, 1e-30, 1e30])
+def test_cpp_float_weight_with_v_far_from_unit(v_scale):
+    """A float weight with a v far from unit length (a weight with sigma below the 1e-12 clamp
+    shrinks v step by step) gives the float64 iteration's direction: v enters the float kernel
+    scaled by a power of two."""
+    w = torch.randn(64, 203)
+    v = torch.randn(203, dtype=torch.float64) * v_scale
+    want = reference.power_iteration(w.double(), v, 1)
+    got = _cpp.power_iteration(w, v.float() if v_scale > 1e-38 else v, 1)
+    for g, e in zip(got[1:], want[1:], strict=True):
+        torch.testing.assert_close(g.double(), e, rtol=2e-6, atol=1e-7 * e.abs().max().item())
+
+
+@needs_cpp
 def test_cpp_layouts_and_zero_weight():
     w = torch.randn(40, 70, dtype=torch.float64)
     v = torch.randn(140, dtype=torch.float64)[::2]  # strided v
