@@ -13,7 +13,6 @@ namespace crvae_ext_cpp {
 // Where a scratch buffer serves; buffers of one name are never in use twice at once.
 enum class Scratch {
   kPowerV,
-  kPowerVFloat,
   kPowerU,
   kPowerPartial,
   kRowSums,
@@ -32,9 +31,11 @@ T* scratch(size_t n) {
   return buffer.data();
 }
 
-// The elements of a 1-D floating tensor (any stride, any floating dtype) as doubles, into out.
-inline void to_doubles(const at::Tensor& t, double* out) {
-  TORCH_CHECK(t.dim() == 1 && t.is_floating_point(), "expected a 1-D floating tensor");
+// The n elements of a 1-D floating tensor (any stride, any floating dtype) as doubles, into out
+// (room for n).
+inline void to_doubles(const at::Tensor& t, double* out, int64_t n) {
+  TORCH_CHECK(t.dim() == 1 && t.is_floating_point() && t.size(0) == n,
+              "expected a 1-D floating tensor of length ", n, ", got shape ", t.sizes());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "to_doubles", [&] {
     const scalar_t* p = t.const_data_ptr<scalar_t>();
     const int64_t stride = t.stride(0);

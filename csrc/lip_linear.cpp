@@ -48,9 +48,10 @@ double rows_pass(const at::Tensor& g, T* colsum, const at::Tensor* a, const at::
   const int64_t br = a != nullptr ? b->stride(0) : 0, bc = a != nullptr ? b->stride(1) : 0;
   const int64_t chunks = std::max<int64_t>(
       1, std::min<int64_t>(at::get_num_threads(), rows * (cols + width) / (1 << 15)));
-  double* sums = scratch<double, Scratch::kRowSums>(static_cast<size_t>(chunks * (cols + 1)));
-  double* dots = sums + chunks * cols;
-  std::fill(sums, dots + chunks, 0.0);
+  const int64_t sum_cols = colsum != nullptr ? cols : 0;
+  double* dots = scratch<double, Scratch::kRowSums>(static_cast<size_t>(chunks * (sum_cols + 1)));
+  double* sums = dots + chunks;
+  std::fill(dots, sums + chunks * sum_cols, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
       double dot = 0;
@@ -107,8 +108,8 @@ void write_rank1(T* grad_w, int64_t rows, int64_t cols, const at::Tensor& u_in,
   using Op = at::opmath_type<T>;
   double* u = scratch<double, Scratch::kRank1U>(static_cast<size_t>(rows));
   double* v = scratch<double, Scratch::kRank1V>(static_cast<size_t>(cols));
-  to_doubles(u_in, u);
-  to_doubles(v_in, v);
+  to_doubles(u_in, u, rows);
+  to_doubles(v_in, v, cols);
   Op* vp = scratch<Op, Scratch::kRank1Row>(static_cast<size_t>(cols));
   std::copy_n(v, cols, vp);
   at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(cols, 1)),

@@ -3,9 +3,7 @@
 // A step needs t = W v and s = W^T t: both come out of one pass over row blocks of W, since
 // s = sum_i w_i (w_i . v) and a block of rows is still in cache when its t_i are known. Threads
 // take contiguous row blocks with private partial sums of s, added up after the pass. Every
-// sum is accumulated in double, whatever the weight's dtype; the float kernel (AVX2) forms its
-// products and four-row sums in float first (row_block<float>): float's rounding relative to
-// sum |w_ij v_j|, about 1e-7 of the float64 iteration's result unless t = W v cancels.
+// sum is accumulated in double, whatever the weight's dtype.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -15,11 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
 #include <tuple>
-#include <type_traits>
 
 #include "cpu_utils.h"
 #include "power_iteration.h"
@@ -28,16 +22,12 @@ namespace crvae_ext_cpp {
 namespace {
 
 constexpr double kEps = 1e-12;  // as reference.power_iteration: |.| is clamped to >= kEps
-// |W v| below this times |v| sends a step of the float-product kernel to the exact one: float
-// products of such small rows may have lost digits to underflow.
-constexpr double kFloatFloor = 1e-20;
 constexpr int64_t kRows = 4;    // rows per block: v and s are streamed once per block
 static_assert(kRows == 4, "row_block is written out for four rows");
 
-// t[r] = w_r . v for kRows rows at w (row stride ld), then s += sum_r t[r] w_r, in double.
+// t[r] = w_r . v for kRows rows at w (row stride ld), then s += sum_r t[r] w_r.
 template <typename T>
-inline void row_block_exact(const T* w, int64_t ld, int64_t n, const double* v, double* t,
-                            double* s) {
+inline void row_block(const T* w, int64_t ld, int64_t n, const double* v, double* t, double* s) {
   const T *w0 = w, *w1 = w + ld, *w2 = w + 2 * ld, *w3 = w + 3 * ld;
   double a0 = 0, a1 = 0, a2 = 0, a3 = 0;
 #pragma omp simd reduction(+ : a0, a1, a2, a3)
@@ -59,105 +49,47 @@ inline void row_block_exact(const T* w, int64_t ld, int64_t n, const double* v, 
   t[3] = a3;
 }
 
-// unit = 2^e with e the binary exponent of x (0 < x < 2^1023, else 1), inverse = 2^-e: both
-// exact, so scaling by them rounds nothing.
-inline void power_of_two_near(double x, double* unit, double* inverse) {
-  uint64_t bits = 0;
-  std::memcpy(&bits, &x, sizeof bits);
-  const uint64_t biased = (bits >> 52) & 0x7ff;
-  if (biased == 0 || biased >= 2046) return;
-  const uint64_t unit_bits = biased << 52, inverse_bits = (2046 - biased) << 52;
-  std::memcpy(unit, &unit_bits, sizeof unit_bits);
-  std::memcpy(inverse, &inverse_bits, sizeof inverse_bits);
-}
-
-// v in float for the float-product kernel: values = v / unit, unit a power of two that brings
-// the largest |v_j| near 1 (v may be far from unit length: the stored buffer, the caller's v).
-struct FloatV {
-  const float* values;
-  double unit;
-};
-
-// The same; fv (null: every product in double) lets a float weight take its float kernel.
-template <typename T>
-inline void row_block(const T* w, int64_t ld, int64_t n, const double* v, const FloatV* /*fv*/,
-                      double* t, double* s) {
-  row_block_exact(w, ld, n, v, t, s);
-}
-
 #if defined(CPU_CAPABILITY_AVX2)
-constexpr bool kFloatProducts = true;
-// The float case with AVX2 by hand, 8 columns per step. The products and the four-row sums are
-// formed in float and every kColumns columns (or four-row block) added into double: about half
-// the instructions of an all-double pass, and each sum's float part spans at most kColumns
-// products per lane group (t) or four (s), so its rounding is float's relative to sum |w_ij v_j|
-// (as torch.mv in float32), not to |t_i|: a v close to W's null space loses digits of t in that
-// step, which later steps do not inherit. v enters scaled by a power of two near its largest
-// entry and the four t[r] enter s scaled likewise (exact), so the products stay near |w|; an
-// overflow or underflow of the float parts makes iterate() redo the step exactly.
-constexpr int64_t kColumns = 128;
-
-inline __m256d widen_sum(__m256 a) {
-  return _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(a)),
-                       _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)));
-}
-
+// The float case with AVX2 by hand: 8 columns per step, two double accumulators per row.
 inline double sum4(__m256d a) {
   const __m128d pair = _mm_add_pd(_mm256_castpd256_pd128(a), _mm256_extractf128_pd(a, 1));
   return _mm_cvtsd_f64(_mm_add_sd(pair, _mm_unpackhi_pd(pair, pair)));
 }
 
 template <>
-inline void row_block<float>(const float* w, int64_t ld, int64_t n, const double* v,
-                             const FloatV* fv, double* t, double* s) {
-  if (fv == nullptr) {
-    row_block_exact(w, ld, n, v, t, s);
-    return;
-  }
-  const float* vf = fv->values;
+inline void row_block<float>(const float* w, int64_t ld, int64_t n, const double* v, double* t,
+                             double* s) {
   const float* rows[kRows] = {w, w + ld, w + 2 * ld, w + 3 * ld};
-  __m256d total[kRows];
-  for (int r = 0; r < kRows; ++r) total[r] = _mm256_setzero_pd();
-  const int64_t body = n / 8 * 8;
-  for (int64_t start = 0; start < body; start += kColumns) {
-    const int64_t stop = std::min(body, start + kColumns);
-    __m256 acc[kRows];
-    for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps();
-    for (int64_t j = start; j < stop; j += 8) {
-      const __m256 vj = _mm256_loadu_ps(vf + j);
-      for (int r = 0; r < kRows; ++r) {
-        acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(rows[r] + j), vj, acc[r]);
-      }
+  __m256d lo[kRows], hi[kRows];
+  for (int r = 0; r < kRows; ++r) lo[r] = hi[r] = _mm256_setzero_pd();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256d v_lo = _mm256_loadu_pd(v + j), v_hi = _mm256_loadu_pd(v + j + 4);
+    for (int r = 0; r < kRows; ++r) {
+      lo[r] = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(rows[r] + j)), v_lo, lo[r]);
+      hi[r] = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(rows[r] + j + 4)), v_hi, hi[r]);
     }
-    for (int r = 0; r < kRows; ++r) total[r] = _mm256_add_pd(total[r], widen_sum(acc[r]));
   }
   double a[kRows];
   for (int r = 0; r < kRows; ++r) {
-    a[r] = sum4(total[r]) * fv->unit;
-    for (int64_t k = body; k < n; ++k) a[r] += static_cast<double>(rows[r][k]) * v[k];
+    a[r] = sum4(_mm256_add_pd(lo[r], hi[r]));
+    for (int64_t k = j; k < n; ++k) a[r] += static_cast<double>(rows[r][k]) * v[k];
     t[r] = a[r];
   }
-  const double largest =
-      std::max({std::abs(a[0]), std::abs(a[1]), std::abs(a[2]), std::abs(a[3])});
-  double unit = 1, inverse = 1;
-  power_of_two_near(largest, &unit, &inverse);
-  __m256 coef[kRows];
-  for (int r = 0; r < kRows; ++r) coef[r] = _mm256_set1_ps(static_cast<float>(a[r] * inverse));
-  const __m256d units = _mm256_set1_pd(unit);
-  for (int64_t k = 0; k < body; k += 8) {
-    __m256 f = _mm256_mul_ps(_mm256_loadu_ps(rows[0] + k), coef[0]);
-    for (int r = 1; r < kRows; ++r) f = _mm256_fmadd_ps(_mm256_loadu_ps(rows[r] + k), coef[r], f);
-    _mm256_storeu_pd(s + k, _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(f)), units,
-                                            _mm256_loadu_pd(s + k)));
-    _mm256_storeu_pd(s + k + 4, _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)),
-                                                units, _mm256_loadu_pd(s + k + 4)));
+  __m256d coef[kRows];
+  for (int r = 0; r < kRows; ++r) coef[r] = _mm256_set1_pd(a[r]);
+  int64_t k = 0;
+  for (; k + 4 <= n; k += 4) {
+    __m256d acc = _mm256_loadu_pd(s + k);
+    for (int r = 0; r < kRows; ++r) {
+      acc = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(rows[r] + k)), coef[r], acc);
+    }
+    _mm256_storeu_pd(s + k, acc);
   }
-  for (int64_t k = body; k < n; ++k) {
+  for (; k < n; ++k) {
     for (int r = 0; r < kRows; ++r) s[k] += static_cast<double>(rows[r][k]) * a[r];
   }
 }
-#else
-constexpr bool kFloatProducts = false;
 #endif
 
 // The same for a single row (the tail of a row range).
@@ -174,10 +106,10 @@ inline void one_row(const T* w, int64_t n, const double* v, double* t, double* s
 // Rows [begin, end) of W: t for those rows and their share of s (overwritten).
 template <typename T>
 void rows_pass(const T* w, int64_t ld, int64_t n, int64_t begin, int64_t end, const double* v,
-               const FloatV* fv, double* t, double* s) {
+               double* t, double* s) {
   std::fill(s, s + n, 0.0);
   int64_t i = begin;
-  for (; i + kRows <= end; i += kRows) row_block(w + i * ld, ld, n, v, fv, t + i, s);
+  for (; i + kRows <= end; i += kRows) row_block(w + i * ld, ld, n, v, t + i, s);
   for (; i < end; ++i) one_row(w + i * ld, n, v, t + i, s);
 }
 
@@ -197,49 +129,23 @@ double iterate(const T* w, int64_t m, int64_t n, int64_t ld, int64_t n_iters, do
       std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / (1 << 16)));
   const int64_t rows_per_chunk = (m / chunks + kRows - 1) / kRows * kRows;
   double* partial = scratch<double, Scratch::kPowerPartial>(static_cast<size_t>(chunks * n));
-  float* vf = scratch<float, Scratch::kPowerVFloat>(static_cast<size_t>(n));
-  constexpr bool fast = kFloatProducts && std::is_same_v<T, float>;
-  // t = W v into u and s = W^T t into partial (float products where fv is given)
-  const auto pass = [&](const FloatV* products) {
+  double sigma = 0;
+  for (int64_t step = 0; step < n_iters; ++step) {
     at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
       for (int64_t c = first; c < last; ++c) {
         const int64_t begin = std::min(m, c * rows_per_chunk);
         const int64_t end = c + 1 == chunks ? m : std::min(m, begin + rows_per_chunk);
-        rows_pass(w, ld, n, begin, end, v, products, u, partial + c * n);
+        rows_pass(w, ld, n, begin, end, v, u, partial + c * n);
       }
     });
+    double* s = partial;
     for (int64_t c = 1; c < chunks; ++c) {
       const double* other = partial + c * n;
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) partial[j] += other[j];
-    }
-  };
-  double* s = partial;
-  double sigma = 0;
-  for (int64_t step = 0; step < n_iters; ++step) {
-    double t_norm = 0;
-    double largest = 0;
-    for (int64_t j = 0; fast && j < n; ++j) largest = std::max(largest, std::abs(v[j]));
-    if (fast && largest >= std::numeric_limits<double>::min() && std::isfinite(largest)) {
-      FloatV fv{vf, 1.0};
-      double inverse = 1;
-      power_of_two_near(largest, &fv.unit, &inverse);
-      for (int64_t j = 0; j < n; ++j) vf[j] = static_cast<float>(v[j] * inverse);
-      pass(&fv);
-      t_norm = norm(u, m);
-      // float parts overflowed (inf, NaN) or may have underflowed (|t| tiny against |v|):
-      // the step again with every product in double
-      if (!(std::isfinite(t_norm) && std::isfinite(norm(s, n)) &&
-            t_norm >= kFloatFloor * norm(v, n))) {
-        pass(nullptr);
-        t_norm = norm(u, m);
-      }
-    } else {
-      pass(nullptr);
-      t_norm = norm(u, m);
+      for (int64_t j = 0; j < n; ++j) s[j] += other[j];
     }
     // u = t / |t|, s = W^T u = s / |t|, sigma = |s|, v = s / sigma (norms clamped to kEps).
-    t_norm = std::max(t_norm, kEps);
+    const double t_norm = std::max(norm(u, m), kEps);
     for (int64_t i = 0; i < m; ++i) u[i] /= t_norm;
     for (int64_t j = 0; j < n; ++j) s[j] /= t_norm;
     sigma = norm(s, n);
@@ -278,7 +184,7 @@ PowerIterationStep power_iteration_step(const at::Tensor& weight_in, const at::T
   const int64_t ld = weight.stride(0);
   double* v = scratch<double, Scratch::kPowerV>(static_cast<size_t>(n));
   double* u = scratch<double, Scratch::kPowerU>(static_cast<size_t>(m));
-  to_doubles(v_in, v);
+  to_doubles(v_in, v, n);
   PowerIterationStep step{};
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, weight.scalar_type(), "power_iteration", [&] {

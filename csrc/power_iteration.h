@@ -13,8 +13,8 @@ struct PowerIterationStep {
 };
 
 // n_iters steps u = W v / |W v|, v = W^T u / |W^T u| from the vector v_in on a 2-D floating CPU
-// weight (any strides, any floating dtype), every sum in double (a float weight's products in
-// float, power_iteration.cpp); the arguments unchecked.
+// weight (any strides, any floating dtype), every sum in double; the arguments unchecked but
+// for v_in's length.
 PowerIterationStep power_iteration_step(const at::Tensor& weight, const at::Tensor& v_in,
                                         int64_t n_iters);
 

@@ -69,34 +69,56 @@ def test_cpp_matches_float64_reference(shape, dtype, n_iters):
         torch.testing.assert_close(got, expected.to(out_dtype), rtol=rtol, atol=atol)
 
 
-@needs_cpp
-@pytest.mark.parametrize("magnitude", [1e-37, 1e-30, 1e-15, 1e15, 1e20, 1e30, 1e37])
-def test_cpp_float_weight_far_from_one(magnitude):
-    """A float weight whose products leave float's range in the float-product kernel (products
-    near 1e-38 or sums near 3e38) gives the float64 iteration's result: the kernel redoes such
-    a step in double."""
-    w = (torch.randn(64, 200, dtype=torch.float64) * magnitude).float()
-    v = torch.randn(200) * 3  # not a unit vector: the first step's products scale with it
-    want = reference.power_iteration(w.double(), v.double(), 3)
-    got = _cpp.power_iteration(w, v, 3)
+def _assert_float64_result(got, want):
     for g, e in zip(got, want, strict=True):
         assert torch.isfinite(g).all()
         expected = e.to(g.dtype)  # below float's range the float64 value rounds to 0 too
+        assert expected.abs().max() > 0
         torch.testing.assert_close(g, expected, rtol=2e-6, atol=1e-7 * expected.abs().max().item())
+
+
+@needs_cpp
+@pytest.mark.parametrize("magnitude", [1e-15, 1e15, 1e20, 1e30, 1e36])
+def test_cpp_float_weight_far_from_one(magnitude):
+    """A float weight far from magnitude 1 gives the float64 iteration's result (a kernel that
+    formed products in float gave NaN from 1e20 up)."""
+    w = (torch.randn(64, 200, dtype=torch.float64) * magnitude).float()
+    v = torch.randn(200) * 3  # not a unit vector: the first step's products scale with it
+    want = reference.power_iteration(w.double(), v.double(), 3)
+    _assert_float64_result(_cpp.power_iteration(w, v, 3), want)
+
+
+@needs_cpp
+@pytest.mark.parametrize("case", ["subnormal_weight", "overflowing_row", "overflowing_column"])
+def test_cpp_float_weight_at_the_edges_of_float(case):
+    """A subnormal float weight, or one whose sums pass float's maximum while sigma does not
+    (16 entries of 5e37 in one lane of a row, or 1e38 down a column of four rows), gives the
+    float64 iteration's result: products and sums are formed in double."""
+    torch.manual_seed(0)
+    v = torch.rand(200, dtype=torch.float64) + 0.5  # one sign: the large entries add up
+    if case == "subnormal_weight":
+        w = (torch.randn(64, 200, dtype=torch.float64) * 1e-42).float()
+        v = v * 1e35
+    else:
+        w = torch.randn(64, 200) * 1e30
+        if case == "overflowing_row":
+            w[0, :128:8] = 5e37  # one lane of the 8-wide float sums, one 128-column run
+        else:
+            w[:4, 7] = 1e38
+    want = reference.power_iteration(w.double(), v, 1)
+    _assert_float64_result(_cpp.power_iteration(w, v, 1), want)
 
 
 @needs_cpp
 @pytest.mark.parametrize("v_scale", [1e-42, 1e-30, 1e30])
 def test_cpp_float_weight_with_v_far_from_unit(v_scale):
     """A float weight with a v far from unit length (a weight with sigma below the 1e-12 clamp
-    shrinks v step by step) gives the float64 iteration's direction: v enters the float kernel
-    scaled by a power of two."""
+    shrinks v step by step) gives the float64 iteration's result; at 1e-42 the products lie
+    below float's range."""
     w = torch.randn(64, 203)
     v = torch.randn(203, dtype=torch.float64) * v_scale
     want = reference.power_iteration(w.double(), v, 1)
-    got = _cpp.power_iteration(w, v.float() if v_scale > 1e-38 else v, 1)
-    for g, e in zip(got[1:], want[1:], strict=True):
-        torch.testing.assert_close(g.double(), e, rtol=2e-6, atol=1e-7 * e.abs().max().item())
+    _assert_float64_result(_cpp.power_iteration(w, v.float() if v_scale > 1e-38 else v, 1), want)
 
 
 @needs_cpp
