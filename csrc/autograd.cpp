@@ -17,7 +17,8 @@
 // does it (modules/lip_linear.py: _iterate, then functional.lip_linear): n power-iteration steps
 // from the buffer v, the buffers u, v overwritten unless sigma is 0 (or NaN), the scale
 // k / max(sigma, floor) computed as reciprocal times k, then lip_linear_autograd. CPU tensors:
-// the power iteration's core runs in place, sigma and the scale are computed on the host.
+// the power iteration's core runs in place, sigma and the scale are computed on the host; for a
+// small batch the power iteration runs alongside the GEMM (lip_linear_train.cpp).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/autograd.h>
@@ -25,12 +26,12 @@
 
 #include <algorithm>
 #include <array>
-#include <cmath>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "dispatch.h"
-#include "power_iteration.h"
+#include "lip_linear_train.h"
 
 namespace crvae_ext_cpp {
 namespace {
@@ -118,13 +119,20 @@ std::array<at::Tensor, 3> differentiable_grads(const at::Tensor& grad, const at:
   return out;
 }
 
+// The forward output when the caller has computed it already (lip_linear_train_overlapped); held
+// in a struct so that the autograd node does not take it for one of its inputs.
+struct Computed {
+  at::Tensor out;
+};
+
 class LipLinearFunction : public torch::autograd::Function<LipLinearFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const OptionalTensor& bias, const at::Tensor& scale,
-                            const at::Tensor& u, const at::Tensor& v, double lipschitz) {
+                            const at::Tensor& u, const at::Tensor& v, double lipschitz,
+                            const Computed& computed) {
     static const auto op = find_op<LipLinear>("crvae_ext_cpp::lip_linear");
-    at::Tensor out = op.call(x, weight, bias, scale);
+    at::Tensor out = computed.out.defined() ? computed.out : op.call(x, weight, bias, scale);
     const at::Tensor kept = x.requires_grad() ? at::Tensor() : out;
     ctx->save_for_backward({x, weight, bias.value_or(at::Tensor()), scale, u, v, kept});
     ctx->saved_data["lipschitz"] = lipschitz;
@@ -153,14 +161,15 @@ class LipLinearFunction : public torch::autograd::Function<LipLinearFunction> {
                                            scale, u, v, lipschitz, needs);
       if (!need_x) g[0] = at::Tensor();
     }
-    return {g[0], g[1], g[2], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {g[0], g[1], g[2], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
   }
 };
 
 at::Tensor lip_linear_autograd(const at::Tensor& x, const at::Tensor& weight,
                                const OptionalTensor& bias, const at::Tensor& scale,
                                const at::Tensor& u, const at::Tensor& v, double lipschitz) {
-  return LipLinearFunction::apply(x, weight, bias, scale, u, v, lipschitz);
+  return LipLinearFunction::apply(x, weight, bias, scale, u, v, lipschitz, Computed{});
 }
 
 // The layer's buffer takes the step's vector: written directly where it is a dense tensor of
@@ -176,14 +185,6 @@ void store(at::Tensor& buffer, const at::Tensor& value) {
     std::copy_n(value.const_data_ptr<scalar_t>(), value.numel(),
                 buffer.mutable_data_ptr<scalar_t>());
   });
-}
-
-// k / max(sigma, floor) in T as the Python path computes it on a 0-dim tensor: clamp_min (NaN
-// kept), reciprocal, then times k cast to T.
-template <typename T>
-T scale_of(T sigma, double lipschitz, double sigma_floor) {
-  const T clamped = std::isnan(sigma) ? sigma : std::max(sigma, static_cast<T>(sigma_floor));
-  return (T(1) / clamped) * static_cast<T>(lipschitz);
 }
 
 at::Tensor lip_linear_train(const at::Tensor& x, const at::Tensor& weight,
@@ -206,18 +207,27 @@ at::Tensor lip_linear_train(const at::Tensor& x, const at::Tensor& weight,
                         (!has_bias || (bias->dim() == 1 && bias->size(0) == weight.size(0))),
                     "lip_linear_train: u, v or bias do not fit weight ", weight.sizes());
   TORCH_CHECK_VALUE(n_iters >= 1, "lip_linear_train: n_iters must be >= 1, got ", n_iters);
-  const PowerIterationStep step = power_iteration_step(weight, v, n_iters);
-  at::Tensor scale = at::empty({}, step.u.options());
-  AT_DISPATCH_FLOATING_TYPES(scale.scalar_type(), "lip_linear_train", [&] {
-    const auto sigma_t = static_cast<scalar_t>(step.sigma);
-    *scale.mutable_data_ptr<scalar_t>() = scale_of(sigma_t, lipschitz, sigma_floor);
+  // Where it pays, the power iteration runs within the forward's GEMM (lip_linear_train.cpp);
+  // else the two run in turn, the node's forward calling the lip_linear kernel.
+  std::optional<TrainForward> overlapped =
+      lip_linear_train_overlapped(x, weight, bias, v, n_iters, lipschitz, sigma_floor);
+  const bool fused = overlapped.has_value();
+  TrainForward f = fused ? std::move(*overlapped) : TrainForward{};
+  if (!fused) {
+    f.step = power_iteration_step(weight, v, n_iters);
+    f.scale = at::empty({}, f.step.u.options());
+  }
+  AT_DISPATCH_FLOATING_TYPES(f.scale.scalar_type(), "lip_linear_train", [&] {
+    const auto sigma_t = static_cast<scalar_t>(f.step.sigma);
+    if (!fused) *f.scale.mutable_data_ptr<scalar_t>() = scale_of(sigma_t, lipschitz, sigma_floor);
     if (sigma_t > 0) {
       const at::NoGradGuard no_grad;
-      store(u, step.u);
-      store(v, step.v);
+      store(u, f.step.u);
+      store(v, f.step.v);
     }
   });
-  return LipLinearFunction::apply(x, weight, bias, scale, step.u, step.v, lipschitz);
+  return LipLinearFunction::apply(x, weight, bias, f.scale, f.step.u, f.step.v, lipschitz,
+                                  Computed{f.out});
 }
 
 }  // namespace

@@ -16,6 +16,7 @@ enum class Scratch {
   kPowerU,
   kPowerPartial,
   kRowSums,
+  kRowBlock,
   kRank1U,
   kRank1V,
   kRank1Row
@@ -39,7 +40,11 @@ inline void to_doubles(const at::Tensor& t, double* out, int64_t n) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "to_doubles", [&] {
     const scalar_t* p = t.const_data_ptr<scalar_t>();
     const int64_t stride = t.stride(0);
-    for (int64_t i = 0; i < t.size(0); ++i) out[i] = static_cast<double>(p[i * stride]);
+    if (stride == 1) {
+      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<double>(p[i]);
+    } else {
+      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<double>(p[i * stride]);
+    }
   });
 }
 
@@ -47,7 +52,8 @@ inline void to_doubles(const at::Tensor& t, double* out, int64_t n) {
 inline void from_doubles(const double* values, at::Tensor& out) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "from_doubles", [&] {
     scalar_t* p = out.mutable_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < out.numel(); ++i) p[i] = static_cast<scalar_t>(values[i]);
+    const int64_t n = out.numel();
+    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(values[i]);
   });
 }
 

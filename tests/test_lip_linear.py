@@ -125,13 +125,20 @@ def test_cpp_forward(dtype, bias):
 NEEDS = [(True, True, True), (True, False, False), (False, True, False), (False, False, True)]
 
 
+# (batch, weight shape): a batch larger than W, and one small enough for the CPU kernel to split
+# the GEMMs' columns over the threads (csrc/column_split.h)
+PROBLEMS = {"wide_batch": (33, (24, 40)), "split": (3, (96, 130))}
+
+
 @needs_cpp
 @pytest.mark.parametrize("needs", NEEDS, ids=["all", "x", "w", "b"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("grad_kind", ["dense", "expanded", "transposed"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_cpp_backward_matches_reference(dtype, grad_kind, bias, needs):
-    x, w, b, scale, u, v = _lip_problem(dtype, bias, batch=33, shape=(24, 40))
+@pytest.mark.parametrize("problem", PROBLEMS)
+def test_cpp_backward_matches_reference(problem, dtype, grad_kind, bias, needs):
+    batch, shape = PROBLEMS[problem]
+    x, w, b, scale, u, v = _lip_problem(dtype, bias, batch=batch, shape=shape)
     out = _cpp.lip_linear(x, w, b, scale)
     grad = {
         "dense": torch.randn(out.shape, dtype=dtype),
@@ -149,6 +156,25 @@ def test_cpp_backward_matches_reference(dtype, grad_kind, bias, needs):
         if present:
             assert g.dtype == dtype
             torch.testing.assert_close(g.double(), e, rtol=tol, atol=tol)
+
+
+@needs_cpp
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cpp_backward_split_over_any_thread_count(threads):
+    """The small-batch backward with its columns split over 1, 2 or 3 threads (3: parts of
+    unequal width) against the float64 reference."""
+    x, w, b, scale, u, v = _lip_problem(torch.float32, True, batch=2, shape=(100, 131))
+    grad = torch.randn(x.shape[0], w.shape[0])
+    d = [t.double() for t in (grad, x, w, b, _cpp.lip_linear(x, w, b, scale), scale, u, v)]
+    want = reference.lip_linear_backward(*d, 1.7, (True, True, True))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = _cpp.lip_linear_backward(grad, x, w, b, None, scale, u, v, 1.7, (True, True, True))
+    finally:
+        torch.set_num_threads(before)
+    for g, e in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double(), e, rtol=2e-4, atol=2e-4)
 
 
 @needs_cpp

@@ -552,6 +552,43 @@ def test_fused_training_forward_equals_the_python_path(dtype, bias, shape, strid
 
 
 @needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("n_iters", [1, 40])
+def test_fused_training_forward_of_a_small_batch(dtype, bias, threads, n_iters, monkeypatch):
+    """The cpp one-call training forward where its GEMM's columns are split over the threads,
+    one of them running the power iteration first (csrc/lip_linear_train.cpp), on 1, 2 or 3
+    threads: 40 steps leave the other parts done before the scale is known. Output, buffers
+    and gradients against the float64 power iteration and autograd of the naive formula."""
+    torch.manual_seed(0)
+    layer = LipLinear(130, 96, bias=bias, lipschitz=2.5, n_power_iterations=n_iters,
+                      backend="cpp", dtype=dtype)  # fmt: skip
+    v0 = layer.v.clone()
+    x = torch.randn(3, 130, dtype=dtype, requires_grad=True)
+    calls = _counting_fused_calls(monkeypatch)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = layer(x)
+        grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
+    finally:
+        torch.set_num_threads(before)
+    assert calls == [1]
+    w = layer.weight.detach().double()
+    _, u, v = reference.power_iteration(w, v0.double(), n_iters)
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 2e-5}
+    torch.testing.assert_close(layer.u.double(), u, **tol)
+    torch.testing.assert_close(layer.v.double(), v, **tol)
+    leaves = [t.detach().double().requires_grad_() for t in (x, *layer.parameters())]
+    want = naive_lip_linear(leaves[0], leaves[1], leaves[2] if bias else None, u, v, 2.5)
+    torch.testing.assert_close(out.double(), want, **tol)
+    want_grads = torch.autograd.grad(want.square().sum(), leaves)
+    for g, e in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(g.double(), e, **tol)
+
+
+@needs_cpp
 def test_fused_training_forward_keeps_a_zero_weights_state(monkeypatch):
     """A zero weight (sigma = 0) leaves the buffers as they were and gives a finite scale on
     the fused path, as on the Python path."""

@@ -256,7 +256,7 @@ class LipLinear(ScaledToK):
         n = self.n_power_iterations
         if type(n) is not int or n < 1 or not _python_steps_kept(type(self)):
             return None
-        if not _PYTHON_STEPS.keys().isdisjoint(self.__dict__):
+        if not _PYTHON_STEPS.keys().isdisjoint(self.__dict__.keys()):  # views: 3 lookups
             return None
         params, buffers = self.__dict__["_parameters"], self.__dict__["_buffers"]
         w, b, u, v = params.get("weight"), params.get("bias"), buffers.get("u"), buffers.get("v")
