@@ -4,7 +4,7 @@
 // single addmm as nn.Linear, and the backward never forms grad * scale. What the backward adds
 // to nn.Linear's is one fused pass over the rows for the bias gradient and <G, y - b>, and the
 // rank-1 term of d sigma / dW written into the weight gradient before its GEMM. For a small
-// batch the threads split the GEMMs' columns instead (column_split.h), each pass then done per
+// batch the threads split the GEMMs' columns instead (gemm_split.h), each pass then done per
 // slice.
 #include "lip_linear.h"
 
@@ -21,7 +21,7 @@
 #include <tuple>
 #include <utility>
 
-#include "column_split.h"
+#include "gemm_split.h"
 #include "cpu_utils.h"
 
 namespace crvae_ext_cpp {
@@ -187,7 +187,7 @@ void write_rank1(T* grad_w, int64_t rows, int64_t cols, const at::Tensor& u_in,
                    });
 }
 
-// The backward for a small batch (column_split.h) where x needs a gradient: the threads split
+// The backward for a small batch (gemm_split.h) where x needs a gradient: the threads split
 // grad_x's columns (each its GEMM, then its share of <grad_x, x>) and the bias gradient's, then
 // W's gradient's rows (each its rows of the rank-1 term, then its GEMM adding s G^T x to them).
 template <typename T>
@@ -197,7 +197,7 @@ void lip_linear_backward_split(const at::Tensor& grad, const at::Tensor& x,
                                int64_t parts, at::Tensor& grad_x, at::Tensor* grad_w) {
   using Op = at::opmath_type<T>;
   const int64_t batch = x.size(0), k = x.size(1), n = weight.size(0);
-  const Bounds in_cols = split_columns(k, parts), out_cols = split_columns(n, parts);
+  const Bounds in_cols = split_range(k, parts), out_cols = split_range(n, parts);
   std::array<double, kMaxParts> dots{};
   double* sums = colsum != nullptr ? scratch<double, Scratch::kRowSums>(static_cast<size_t>(n))
                                    : nullptr;
@@ -264,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lip_linear_backward_cpu(
   // GEMMs and the row pass; each GEMM would otherwise make its own.
   const at::Tensor grad = grad_in.is_contiguous() ? grad_in : grad_in.contiguous();
   const auto dtype = grad.scalar_type();
-  const int64_t parts = split_parts(x.size(0), std::min(x.size(1), weight.size(0)));
+  const int64_t parts = column_parts(x.size(0), std::min(x.size(1), weight.size(0)));
   if (need_x && parts >= 2 && (dtype == at::kFloat || dtype == at::kDouble) &&
       x.is_contiguous() && weight.is_contiguous()) {
     AT_DISPATCH_FLOATING_TYPES(dtype, "lip_linear_backward_split", [&] {

@@ -2,11 +2,9 @@
 //
 // y = s x W^T + b needs s = k / sigma, and sigma needs the power iteration (one thread's work at
 // LipLinear's usual sizes). Done in order, the other threads wait for it. Here the threads split
-// the output columns instead: the first runs the power iteration and then a smaller share of
-// columns, the others their shares at once, each a single-threaded GEMM of its slice of W into
-// its slice of y, scaled and biased while still in cache. The split pays where x is small
-// next to W (few rows: every thread reads all of x); elsewhere the caller keeps the one
-// multi-threaded GEMM.
+// the GEMM instead (gemm_split.h: y's columns for a small batch, else its rows): the first runs
+// the power iteration and then a smaller share, the others their shares at once, each a
+// single-threaded GEMM into its slice of y, scaled and biased while still in cache.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -17,7 +15,7 @@
 #include <atomic>
 #include <optional>
 
-#include "column_split.h"
+#include "gemm_split.h"
 #include "lip_linear_train.h"
 
 namespace crvae_ext_cpp {
@@ -48,15 +46,19 @@ std::optional<TrainForward> lip_linear_train_overlapped(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& v, int64_t n_iters, double lipschitz, double sigma_floor) {
   const int64_t batch = x.size(0), n = weight.size(0);
-  const int64_t parts = split_parts(batch, n);
+  const bool by_rows = column_parts(batch, n) < 2;
+  const int64_t parts = by_rows ? row_parts(batch, n) : column_parts(batch, n);
   const bool dense = x.is_contiguous() && weight.is_contiguous() &&
                      (!bias.has_value() || !bias->defined() || bias->is_contiguous());
   const auto dtype = x.scalar_type();
   if (parts < 2 || !dense || (dtype != at::kFloat && dtype != at::kDouble)) {
     return std::nullopt;
   }
-  const double lead = kPowerCost * static_cast<double>(n_iters * n) / static_cast<double>(batch);
-  const auto bounds = split_columns(n, parts, lead);
+  // The power iteration in units of the split: n_iters * kPowerCost rows of x, or that times
+  // n / batch columns of y.
+  const double rows = kPowerCost * static_cast<double>(n_iters);
+  const double lead = by_rows ? rows : rows * static_cast<double>(n) / static_cast<double>(batch);
+  const Bounds bounds = split_range(by_rows ? batch : n, parts, lead);
   at::Tensor out = at::empty({batch, n}, x.options());
   TrainForward result{};
   std::atomic<bool> scaled{false};  // the scale is known (set by part 0 after its power iteration)
@@ -66,6 +68,14 @@ std::optional<TrainForward> lip_linear_train_overlapped(
     const scalar_t* b = bias.has_value() && bias->defined() ? bias->const_data_ptr<scalar_t>()
                                                             : nullptr;
     scalar_t s = 0;
+    const auto finish = [&](int64_t c) {
+      const int64_t a = bounds[c], e = bounds[c + 1];
+      if (by_rows) {
+        scale_columns(y + a * n, e - a, n, 0, n, s, b);
+      } else {
+        scale_columns(y, batch, n, a, e, s, b);
+      }
+    };
     at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
       // per thread: the slices are plain views, written by the CPU kernel directly
       const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -76,19 +86,22 @@ std::optional<TrainForward> lip_linear_train_overlapped(
           scaled.store(true, std::memory_order_release);
         }
         const int64_t a = bounds[c], width = bounds[c + 1] - bounds[c];
-        if (width > 0) {
+        if (width > 0 && by_rows) {
+          at::Tensor slice = out.narrow(0, a, width);
+          at::cpu::mm_out(slice, x.narrow(0, a, width), weight.t());
+        } else if (width > 0) {
           at::Tensor slice = out.narrow(1, a, width);
           at::cpu::mm_out(slice, x, weight.narrow(0, a, width).t());
         }
-        // A part done before the scale is known leaves its columns to the loop after the region.
+        // A part done before the scale is known leaves its slice to the loop after the region.
         if (scaled.load(std::memory_order_acquire)) {
-          scale_columns(y, batch, n, a, a + width, s, b);
+          finish(c);
           finished[c] = true;
         }
       }
     });
     for (int64_t c = 0; c < parts; ++c) {
-      if (!finished[c]) scale_columns(y, batch, n, bounds[c], bounds[c + 1], s, b);
+      if (!finished[c]) finish(c);
     }
     result.scale = at::empty({}, result.step.u.options());
     *result.scale.mutable_data_ptr<scalar_t>() = s;

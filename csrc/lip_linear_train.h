@@ -28,8 +28,8 @@ struct TrainForward {
 };
 
 // The power iteration from v and the forward output in one parallel region
-// (lip_linear_train.cpp), for dense fp32/fp64 CPU tensors whose batch is small next to W's
-// rows; std::nullopt where that split does not pay (the caller then runs the two in turn).
+// (lip_linear_train.cpp), for dense fp32/fp64 CPU tensors; std::nullopt where the GEMM cannot
+// be split (one thread, a small batch and a narrow W: the caller then runs the two in turn).
 // The arguments are checked by the caller.
 std::optional<TrainForward> lip_linear_train_overlapped(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

@@ -126,7 +126,7 @@ NEEDS = [(True, True, True), (True, False, False), (False, True, False), (False,
 
 
 # (batch, weight shape): a batch larger than W, and one small enough for the CPU kernel to split
-# the GEMMs' columns over the threads (csrc/column_split.h)
+# the GEMMs' columns over the threads (csrc/gemm_split.h)
 PROBLEMS = {"wide_batch": (33, (24, 40)), "split": (3, (96, 130))}
 
 

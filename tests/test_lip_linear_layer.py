@@ -7,7 +7,7 @@ import io
 
 import pytest
 import torch
-from helpers import lipschitz_ascent, naive_lip_linear, needs_cpp
+from helpers import TOLERANCE, lipschitz_ascent, naive_lip_linear, needs_cpp
 from torch import nn
 
 import crvae_ext
@@ -551,21 +551,30 @@ def test_fused_training_forward_equals_the_python_path(dtype, bias, shape, strid
         assert steps[0] == steps[1] == (step + 1, step + 1), step
 
 
+# (batch, in, out): a batch small next to W (the GEMM's columns split over the threads) and a
+# larger one (its rows split), csrc/gemm_split.h
+SPLITS = {"columns": (3, 130, 96), "rows": (100, 40, 36)}
+
+
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("n_iters", [1, 40])
-def test_fused_training_forward_of_a_small_batch(dtype, bias, threads, n_iters, monkeypatch):
-    """The cpp one-call training forward where its GEMM's columns are split over the threads,
-    one of them running the power iteration first (csrc/lip_linear_train.cpp), on 1, 2 or 3
-    threads: 40 steps leave the other parts done before the scale is known. Output, buffers
-    and gradients against the float64 power iteration and autograd of the naive formula."""
+@pytest.mark.parametrize("split", SPLITS)
+def test_fused_training_forward_split_over_threads(
+    split, n_iters, threads, bias, dtype, monkeypatch
+):
+    """The cpp one-call training forward with its GEMM split over the threads, one of them
+    running the power iteration first (csrc/lip_linear_train.cpp), on 1, 2 or 3 threads: 40
+    steps leave the other parts done before the scale is known. Output, buffers and gradients
+    against the float64 power iteration and autograd of the naive formula."""
     torch.manual_seed(0)
-    layer = LipLinear(130, 96, bias=bias, lipschitz=2.5, n_power_iterations=n_iters,
+    batch, n_in, n_out = SPLITS[split]
+    layer = LipLinear(n_in, n_out, bias=bias, lipschitz=2.5, n_power_iterations=n_iters,
                       backend="cpp", dtype=dtype)  # fmt: skip
     v0 = layer.v.clone()
-    x = torch.randn(3, 130, dtype=dtype, requires_grad=True)
+    x = torch.randn(batch, n_in, dtype=dtype, requires_grad=True)
     calls = _counting_fused_calls(monkeypatch)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -577,7 +586,8 @@ def test_fused_training_forward_of_a_small_batch(dtype, bias, threads, n_iters, 
     assert calls == [1]
     w = layer.weight.detach().double()
     _, u, v = reference.power_iteration(w, v0.double(), n_iters)
-    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 2e-5}
+    rtol, atol = (1e-10, 1e-12) if dtype == torch.float64 else TOLERANCE[dtype]
+    tol = {"rtol": rtol, "atol": atol}
     torch.testing.assert_close(layer.u.double(), u, **tol)
     torch.testing.assert_close(layer.v.double(), v, **tol)
     leaves = [t.detach().double().requires_grad_() for t in (x, *layer.parameters())]
