@@ -187,41 +187,53 @@ void write_rank1(T* grad_w, int64_t rows, int64_t cols, const at::Tensor& u_in,
                    });
 }
 
-// The backward for a small batch (gemm_split.h) where x needs a gradient: the threads split
-// grad_x's columns (each its GEMM, then its share of <grad_x, x>) and the bias gradient's, then
-// W's gradient's rows (each its rows of the rank-1 term, then its GEMM adding s G^T x to them).
+// The backward with its GEMMs split over the threads (gemm_split.h) where x needs a gradient:
+// each part computes its slice of grad_x (columns for a small batch, else rows), then its share
+// of <grad_x, x> and of the bias gradient; then each computes its rows of W's gradient, the
+// rank-1 term first and its GEMM adding s G^T x to them.
 template <typename T>
 void lip_linear_backward_split(const at::Tensor& grad, const at::Tensor& x,
                                const at::Tensor& weight, T* colsum, const at::Tensor& u,
                                const at::Tensor& v, double alpha, double lipschitz,
-                               int64_t parts, at::Tensor& grad_x, at::Tensor* grad_w) {
+                               int64_t parts, bool by_rows, at::Tensor& grad_x,
+                               at::Tensor* grad_w) {
   using Op = at::opmath_type<T>;
   const int64_t batch = x.size(0), k = x.size(1), n = weight.size(0);
-  const Bounds in_cols = split_range(k, parts), out_cols = split_range(n, parts);
+  const Bounds slices = split_range(by_rows ? batch : k, parts), out_cols = split_range(n, parts);
   std::array<double, kMaxParts> dots{};
-  double* sums = colsum != nullptr ? scratch<double, Scratch::kRowSums>(static_cast<size_t>(n))
-                                   : nullptr;
-  Op* blocks = colsum != nullptr ? scratch<Op, Scratch::kRowBlock>(static_cast<size_t>(n))
-                                 : nullptr;
-  if (sums != nullptr) std::fill(sums, sums + n, 0.0);
+  // column sums: per part over its rows (added up after), or each part's own columns
+  const int64_t sums_size = colsum == nullptr ? 0 : by_rows ? parts * n : n;
+  double* sums = scratch<double, Scratch::kRowSums>(static_cast<size_t>(sums_size));
+  Op* blocks = scratch<Op, Scratch::kRowBlock>(static_cast<size_t>(sums_size));
+  std::fill(sums, sums + sums_size, 0.0);
   const T *gp = grad.const_data_ptr<T>(), *xp = x.const_data_ptr<T>();
   const T* gxp = grad_x.const_data_ptr<T>();
   at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
     // per thread: the slices are plain views, written by the CPU kernels directly
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     for (int64_t c = first; c < last; ++c) {
-      const int64_t a = in_cols[c], width = in_cols[c + 1] - in_cols[c];
-      if (width > 0) {
+      const int64_t a = slices[c], width = slices[c + 1] - slices[c];
+      if (width > 0 && by_rows) {
+        at::Tensor slice = grad_x.narrow(0, a, width);
+        at::cpu::addmm_out(slice, slice, grad.narrow(0, a, width), weight, 0, alpha);
+        if (grad_w != nullptr) dots[c] = dot_rows(gxp, k, xp, k, a, a + width, 0, k);
+        if (colsum != nullptr) sum_columns(gp, n, a, a + width, 0, n, blocks + c * n, sums + c * n);
+      } else if (width > 0) {
         at::Tensor slice = grad_x.narrow(1, a, width);
         at::cpu::addmm_out(slice, slice, grad, weight.narrow(1, a, width), 0, alpha);
         if (grad_w != nullptr) dots[c] = dot_rows(gxp, k, xp, k, 0, batch, a, a + width);
       }
-      if (colsum == nullptr) continue;
+      if (colsum == nullptr || by_rows) continue;
       const int64_t b0 = out_cols[c], b1 = out_cols[c + 1];
       sum_columns(gp, n, 0, batch, b0, b1, blocks + b0, sums);
       for (int64_t j = b0; j < b1; ++j) colsum[j] = static_cast<T>(sums[j]);
     }
   });
+  for (int64_t j = 0; colsum != nullptr && by_rows && j < n; ++j) {
+    double total = 0;
+    for (int64_t c = 0; c < parts; ++c) total += sums[c * n + j];
+    colsum[j] = static_cast<T>(total);
+  }
   if (grad_w == nullptr) return;
   double inner = 0;
   for (int64_t c = 0; c < parts; ++c) inner += dots[c];
@@ -264,13 +276,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lip_linear_backward_cpu(
   // GEMMs and the row pass; each GEMM would otherwise make its own.
   const at::Tensor grad = grad_in.is_contiguous() ? grad_in : grad_in.contiguous();
   const auto dtype = grad.scalar_type();
-  const int64_t parts = column_parts(x.size(0), std::min(x.size(1), weight.size(0)));
+  const int64_t batch = x.size(0), narrower = std::min(x.size(1), weight.size(0));
+  const bool by_rows = column_parts(batch, narrower) < 2;
+  const int64_t parts = by_rows ? row_parts(batch, narrower) : column_parts(batch, narrower);
   if (need_x && parts >= 2 && (dtype == at::kFloat || dtype == at::kDouble) &&
       x.is_contiguous() && weight.is_contiguous()) {
     AT_DISPATCH_FLOATING_TYPES(dtype, "lip_linear_backward_split", [&] {
       lip_linear_backward_split<scalar_t>(
           grad, x, weight, sums ? grad_b.mutable_data_ptr<scalar_t>() : nullptr, u, v, alpha,
-          lipschitz, parts, grad_x, need_w ? &grad_w : nullptr);
+          lipschitz, parts, by_rows, grad_x, need_w ? &grad_w : nullptr);
     });
     if (!need_b) grad_b = at::Tensor();
     return {grad_x, grad_w, grad_b};

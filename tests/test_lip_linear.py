@@ -125,9 +125,9 @@ def test_cpp_forward(dtype, bias):
 NEEDS = [(True, True, True), (True, False, False), (False, True, False), (False, False, True)]
 
 
-# (batch, weight shape): a batch larger than W, and one small enough for the CPU kernel to split
-# the GEMMs' columns over the threads (csrc/gemm_split.h)
-PROBLEMS = {"wide_batch": (33, (24, 40)), "split": (3, (96, 130))}
+# (batch, weight shape): a batch larger than a narrow W (one GEMM each), and two the CPU kernel
+# splits over the threads (csrc/gemm_split.h): by columns (a small batch), by rows
+PROBLEMS = {"wide_batch": (33, (24, 40)), "columns": (3, (96, 130)), "rows": (70, (36, 40))}
 
 
 @needs_cpp
@@ -160,10 +160,12 @@ def test_cpp_backward_matches_reference(problem, dtype, grad_kind, bias, needs):
 
 @needs_cpp
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_cpp_backward_split_over_any_thread_count(threads):
-    """The small-batch backward with its columns split over 1, 2 or 3 threads (3: parts of
-    unequal width) against the float64 reference."""
-    x, w, b, scale, u, v = _lip_problem(torch.float32, True, batch=2, shape=(100, 131))
+@pytest.mark.parametrize("problem", [(2, (100, 131)), (100, (36, 40))], ids=["columns", "rows"])
+def test_cpp_backward_split_over_any_thread_count(problem, threads):
+    """The backward with its GEMMs split over 1, 2 or 3 threads (3: parts of unequal width)
+    against the float64 reference."""
+    batch, shape = problem
+    x, w, b, scale, u, v = _lip_problem(torch.float32, True, batch=batch, shape=shape)
     grad = torch.randn(x.shape[0], w.shape[0])
     d = [t.double() for t in (grad, x, w, b, _cpp.lip_linear(x, w, b, scale), scale, u, v)]
     want = reference.lip_linear_backward(*d, 1.7, (True, True, True))
