@@ -3,9 +3,9 @@
 // The scale is a CPU scalar here, so it rides in the GEMMs' alpha: the forward is the same
 // single addmm as nn.Linear, and the backward never forms grad * scale. What the backward adds
 // to nn.Linear's is one fused pass over the rows for the bias gradient and <G, y - b>, and the
-// rank-1 term of d sigma / dW written into the weight gradient before its GEMM. For a small
-// batch the threads split the GEMMs' columns instead (gemm_split.h), each pass then done per
-// slice.
+// rank-1 term of d sigma / dW written into the weight gradient before its GEMM. Where x needs
+// a gradient and the GEMMs split over the threads (gemm_split.h), each thread takes one slice
+// through every pass instead.
 #include "lip_linear.h"
 
 #include <ATen/Dispatch.h>
@@ -21,8 +21,8 @@
 #include <tuple>
 #include <utility>
 
-#include "gemm_split.h"
 #include "cpu_utils.h"
+#include "gemm_split.h"
 
 namespace crvae_ext_cpp {
 namespace {
