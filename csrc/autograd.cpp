@@ -17,8 +17,8 @@
 // does it (modules/lip_linear.py: _iterate, then functional.lip_linear): n power-iteration steps
 // from the buffer v, the buffers u, v overwritten unless sigma is 0 (or NaN), the scale
 // k / max(sigma, floor) computed as reciprocal times k, then lip_linear_autograd. CPU tensors:
-// the power iteration's core runs in place, sigma and the scale are computed on the host; for a
-// small batch the power iteration runs alongside the GEMM (lip_linear_train.cpp).
+// the power iteration's core runs in place, sigma and the scale are computed on the host; where
+// the GEMM splits over the threads the power iteration runs alongside it (lip_linear_train.cpp).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/autograd.h>

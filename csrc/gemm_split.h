@@ -1,12 +1,14 @@
-// Splitting a GEMM's output over the threads, one single-threaded GEMM per part: BLAS called
-// inside a parallel region runs on the calling thread. Each part's extra work on its slice (a
-// scale, a bias, a partial sum) then runs while the slice is still in cache, and one part can
-// take on other work (the power iteration) for a smaller share.
+// Splitting a GEMM's output over the threads, one single-threaded GEMM per part: MKL (with
+// OpenMP, as torch's x86 builds link it) called inside a parallel region runs on the calling
+// thread; builds without MKL do not split. Each part's extra work on its slice (a scale, a
+// bias, a partial sum) then runs while the slice is still in cache, and one part can take on
+// other work (the power iteration) for a smaller share.
 //
 // By columns where the batch is small next to them (every part reads all of x or G, a few
 // rows); by rows of the batch otherwise (every part reads all of W).
 #pragma once
 
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -19,11 +21,13 @@ namespace crvae_ext_cpp {
 constexpr int64_t kMaxParts = 16;
 constexpr int64_t kMinColumns = 32;  // per part: narrower GEMMs lose more to packing than they gain
 constexpr int64_t kMinRows = 32;     // per part, in a split of the batch's rows
-constexpr int64_t kAlign = 8;        // part boundaries
+constexpr int64_t kAlign = 8;        // the first part's end (the others share the rest)
 
-// The threads a split may use: one inside a parallel region (it would run serially).
+// The threads a split may use: one inside a parallel region (it would run serially) or
+// without MKL.
 inline int64_t split_threads() {
-  return at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), kMaxParts);
+  if (at::in_parallel_region() || !at::hasMKL()) return 1;
+  return std::min<int64_t>(at::get_num_threads(), kMaxParts);
 }
 
 // How many parts to split `columns` output columns into for a batch of `batch` rows: at least 2
@@ -46,9 +50,13 @@ using Bounds = std::array<int64_t, kMaxParts + 1>;
 // of other work.
 inline Bounds split_range(int64_t n, int64_t parts, double lead = 0) {
   Bounds bounds{};
+  if (parts <= 1) {
+    bounds[1] = n;
+    return bounds;
+  }
   const double share = (static_cast<double>(n) + lead) / static_cast<double>(parts);
-  const auto first = static_cast<int64_t>(std::llround((share - lead) / kAlign) * kAlign);
-  bounds[1] = std::clamp<int64_t>(first, 0, n);
+  const double units = std::clamp((share - lead) / kAlign, 0.0, static_cast<double>(n) / kAlign);
+  bounds[1] = std::min(n, static_cast<int64_t>(std::llround(units)) * kAlign);
   for (int64_t c = 2; c <= parts; ++c) {
     bounds[c] = bounds[1] + (n - bounds[1]) * (c - 1) / (parts - 1);
   }

@@ -4,13 +4,15 @@
 // LipLinear's usual sizes). Done in order, the other threads wait for it. Here the threads split
 // the GEMM instead (gemm_split.h: y's columns for a small batch, else its rows): the first runs
 // the power iteration and then a smaller share, the others their shares at once, each a
-// single-threaded GEMM into its slice of y, scaled and biased while still in cache.
+// single-threaded GEMM into its slice of y, scaled and biased while still in cache where the
+// scale is known by then (else after the region).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm_cpu_dispatch.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <optional>
@@ -102,6 +104,17 @@ std::optional<TrainForward> lip_linear_train_overlapped(
     });
     for (int64_t c = 0; c < parts; ++c) {
       if (!finished[c]) finish(c);
+    }
+    // A zero scale (sigma beyond the dtype's range) gives y = bias, as the GEMM with alpha = 0
+    // does (it never reads x W^T, which may hold an inf), whichever thread ran first.
+    if (s == 0) {
+      for (int64_t i = 0; i < batch; ++i) {
+        if (b != nullptr) {
+          std::copy_n(b, n, y + i * n);
+        } else {
+          std::fill_n(y + i * n, n, scalar_t(0));
+        }
+      }
     }
     result.scale = at::empty({}, result.step.u.options());
     *result.scale.mutable_data_ptr<scalar_t>() = s;

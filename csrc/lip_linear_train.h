@@ -28,9 +28,10 @@ struct TrainForward {
 };
 
 // The power iteration from v and the forward output in one parallel region
-// (lip_linear_train.cpp), for dense fp32/fp64 CPU tensors; std::nullopt where the GEMM cannot
-// be split (one thread, a small batch and a narrow W: the caller then runs the two in turn).
-// The arguments are checked by the caller.
+// (lip_linear_train.cpp), for dense fp32/fp64 CPU tensors; std::nullopt where it does not apply
+// (x, W or the bias not dense, fp16/bf16, one thread, inside a parallel region, no MKL, or a
+// small batch with a narrow W: the caller then runs the two in turn). The arguments are checked
+// by the caller.
 std::optional<TrainForward> lip_linear_train_overlapped(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& v, int64_t n_iters, double lipschitz, double sigma_floor);

@@ -159,24 +159,29 @@ def test_cpp_backward_matches_reference(problem, dtype, grad_kind, bias, needs):
 
 
 @needs_cpp
+@pytest.mark.parametrize("needs", [(True, True, True), (True, False, True), (True, True, False)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("problem", [(2, (100, 131)), (100, (36, 40))], ids=["columns", "rows"])
-def test_cpp_backward_split_over_any_thread_count(problem, threads):
+def test_cpp_backward_split_over_any_thread_count(problem, threads, dtype, needs):
     """The backward with its GEMMs split over 1, 2 or 3 threads (3: parts of unequal width)
     against the float64 reference."""
     batch, shape = problem
-    x, w, b, scale, u, v = _lip_problem(torch.float32, True, batch=batch, shape=shape)
-    grad = torch.randn(x.shape[0], w.shape[0])
+    x, w, b, scale, u, v = _lip_problem(dtype, True, batch=batch, shape=shape)
+    grad = torch.randn(x.shape[0], w.shape[0], dtype=dtype)
     d = [t.double() for t in (grad, x, w, b, _cpp.lip_linear(x, w, b, scale), scale, u, v)]
-    want = reference.lip_linear_backward(*d, 1.7, (True, True, True))
+    want = reference.lip_linear_backward(*d, 1.7, needs)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got = _cpp.lip_linear_backward(grad, x, w, b, None, scale, u, v, 1.7, (True, True, True))
+        got = _cpp.lip_linear_backward(grad, x, w, b, None, scale, u, v, 1.7, needs)
     finally:
         torch.set_num_threads(before)
-    for g, e in zip(got, want, strict=True):
-        torch.testing.assert_close(g.double(), e, rtol=2e-4, atol=2e-4)
+    tol = 1e-10 if dtype == torch.float64 else 2e-4
+    for g, e, wanted in zip(got, want, needs, strict=True):
+        assert (g is not None) == wanted
+        if wanted:
+            torch.testing.assert_close(g.double(), e, rtol=tol, atol=tol)
 
 
 @needs_cpp

@@ -599,6 +599,28 @@ def test_fused_training_forward_split_over_threads(
 
 
 @needs_cpp
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("split", SPLITS)
+def test_fused_training_forward_split_with_a_zero_scale(split, threads):
+    """Weights whose sigma is beyond float32's range give the scale 0 and y = bias on every
+    thread count, as the unsplit GEMM with alpha = 0 does (x W^T itself overflows to inf)."""
+    torch.manual_seed(0)
+    batch, n_in, n_out = SPLITS[split]
+    layer = LipLinear(n_in, n_out, backend="cpp")
+    with torch.no_grad():
+        w = layer.weight.double()
+        layer.weight.copy_(w * (3e38 / w.abs().max()))  # finite, sigma about 8e38
+    x = torch.randn(batch, n_in)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = layer(x)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(out, layer.bias.detach().expand(batch, n_out))
+
+
+@needs_cpp
 def test_fused_training_forward_keeps_a_zero_weights_state(monkeypatch):
     """A zero weight (sigma = 0) leaves the buffers as they were and gives a finite scale on
     the fused path, as on the Python path."""
