@@ -1,5 +1,8 @@
 """Test helpers shared across files (independent of the code under test)."""
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torch import nn
@@ -41,3 +44,14 @@ def naive_lip_linear(x, w, b, u, v, k):
     """k x W^T / (u^T W v) + b in plain autograd: the formula LipLinear's backward must match."""
     out = k * (x @ w.t()) / torch.dot(u, w @ v)
     return out if b is None else out + b
+
+
+@contextlib.contextmanager
+def num_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` within, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -5,7 +5,7 @@ The LipLinear layer itself: tests/test_lip_linear_layer.py."""
 
 import pytest
 import torch
-from helpers import TOLERANCE, naive_lip_linear, needs_cpp, needs_interpreter
+from helpers import TOLERANCE, naive_lip_linear, needs_cpp, needs_interpreter, num_threads
 from torch.library import opcheck
 
 import crvae_ext
@@ -171,12 +171,8 @@ def test_cpp_backward_split_over_any_thread_count(problem, threads, dtype, needs
     grad = torch.randn(x.shape[0], w.shape[0], dtype=dtype)
     d = [t.double() for t in (grad, x, w, b, _cpp.lip_linear(x, w, b, scale), scale, u, v)]
     want = reference.lip_linear_backward(*d, 1.7, needs)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         got = _cpp.lip_linear_backward(grad, x, w, b, None, scale, u, v, 1.7, needs)
-    finally:
-        torch.set_num_threads(before)
     tol = 1e-10 if dtype == torch.float64 else 2e-4
     for g, e, wanted in zip(got, want, needs, strict=True):
         assert (g is not None) == wanted

@@ -7,7 +7,7 @@ import io
 
 import pytest
 import torch
-from helpers import TOLERANCE, lipschitz_ascent, naive_lip_linear, needs_cpp
+from helpers import TOLERANCE, lipschitz_ascent, naive_lip_linear, needs_cpp, num_threads
 from torch import nn
 
 import crvae_ext
@@ -576,13 +576,9 @@ def test_fused_training_forward_split_over_threads(
     v0 = layer.v.clone()
     x = torch.randn(batch, n_in, dtype=dtype, requires_grad=True)
     calls = _counting_fused_calls(monkeypatch)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         out = layer(x)
         grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
-    finally:
-        torch.set_num_threads(before)
     assert calls == [1]
     w = layer.weight.detach().double()
     _, u, v = reference.power_iteration(w, v0.double(), n_iters)
@@ -611,12 +607,8 @@ def test_fused_training_forward_split_with_a_zero_scale(split, threads):
         w = layer.weight.double()
         layer.weight.copy_(w * (3e38 / w.abs().max()))  # finite, sigma about 8e38
     x = torch.randn(batch, n_in)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         out = layer(x)
-    finally:
-        torch.set_num_threads(before)
     assert torch.equal(out, layer.bias.detach().expand(batch, n_out))
 
 
