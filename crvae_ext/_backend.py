@@ -85,10 +85,11 @@ def resolve(backend: str | None, device: torch.device) -> str:
     A forced backend that cannot run on ``device`` is an error, never a silent fallback.
     """
     raw = _torch_private.environ_raw
-    return _resolve(backend, device, raw(_ENV_KEY), raw(_INTERPRET_KEY))
+    return _resolve(backend, device, raw(ENV_KEY), raw(INTERPRET_KEY))
 
 
-_ENV_KEY, _INTERPRET_KEY = _torch_private.environ_keys(ENV_VAR, "TRITON_INTERPRET")
+# The variables resolve reads, in the form _torch_private.environ_raw reads.
+ENV_KEY, INTERPRET_KEY = _torch_private.environ_keys(ENV_VAR, "TRITON_INTERPRET")
 
 
 @functools.cache

@@ -25,7 +25,6 @@ def _lookup(path: str) -> Callable | None:
 
 
 _functorch_active = _lookup("_C._are_functorch_transforms_active")
-_function_mode = _lookup("_C._is_torch_function_mode_enabled")
 _has_kernel = _lookup("_C._dispatch_has_kernel_for_dispatch_key")
 
 
@@ -33,12 +32,6 @@ def functorch_active() -> bool:
     """True under a torch.func transform (vmap, grad, jacrev, ...); True where unknowable, so
     callers take their transform-safe path."""
     return True if _functorch_active is None else bool(_functorch_active())
-
-
-def torch_function_mode() -> bool:
-    """True while a TorchFunctionMode is active (it must see every op call); True where
-    unknowable."""
-    return True if _function_mode is None else bool(_function_mode())
 
 
 def has_kernel(op_name: str, dispatch_key: str) -> bool:

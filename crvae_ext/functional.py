@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend, _checks, _lip_conv, ops
+from . import _backend, _checks, _lip_conv, _torch_private, ops
 
 
 def groupsort(
@@ -19,12 +19,20 @@ def groupsort(
     ``group_size`` is the size of each group (deel-torchlip's convention), not the number of
     groups (LNets'); ``group_size == x.shape[dim]`` is a full sort, 2 is MaxMin.
     """
-    checked = ops.groupsort_checked(x, backend)
-    if checked is not None:
-        try:
-            return checked(x, group_size, dim)
-        except (TypeError, ValueError):
-            pass  # the checks below name what is wrong
+    if type(x) is torch.Tensor and not torch.compiler.is_compiling():
+        # The backend's one-call groupsort where it has one (cpp: in C++): it checks its
+        # arguments, normalises dim, records a node only where a gradient is wanted, and
+        # returns None where this Python path must run (ops.eager_entry).
+        raw = _torch_private.environ_raw
+        env, interpret = raw(_backend.ENV_KEY), raw(_backend.INTERPRET_KEY)
+        checked = ops.resolved_entry("groupsort_autograd", backend, x.device, env, interpret)
+        if checked is not None:
+            try:
+                y = checked(x, group_size, dim)
+            except (TypeError, ValueError):
+                y = None  # the checks below name what is wrong
+            if y is not None:
+                return y
     _checks.float_tensor("x", x)
     group_size = _checks.integer("group_size", group_size, 1)
     if x.dim() == 0:

@@ -302,11 +302,10 @@ def _differentiable(function: type[torch.autograd.Function], op: Callable, name:
 
 
 def eager_entry(name: str, backend: str) -> Callable | None:
-    """``kernel(name, backend)``, or the backend's faster entry point for it (cpp: the
-    library's Python module) where it has one and no TorchFunctionMode is active: that entry
-    does not look for ``__torch_function__``, so callers pass plain tensors only."""
-    if _torch_private.torch_function_mode():
-        return kernel(name, backend)
+    """``kernel(name, backend)``, or the backend's faster entry point for it where it has one
+    (cpp: the library's Python module). An entry returns None, before any work, where the call
+    must take the caller's Python path instead: x a tensor subclass, a TorchFunctionMode or a
+    functorch transform active."""
     return _fast_entry(name, backend)
 
 
@@ -316,13 +315,12 @@ def _fast_entry(name: str, backend: str) -> Callable | None:
     return (entry(name) if entry is not None else None) or kernel(name, backend)
 
 
-def groupsort_checked(x: object, backend: str | None) -> Callable | None:
-    """The backend's one-call groupsort for ``x`` in plain eager mode, or None: it checks its
-    arguments itself (raising ValueError or TypeError before any work), normalises ``dim``
-    and records its own node only where a gradient is wanted (cpp: in C++)."""
-    if type(x) is not torch.Tensor or not _backend.plain_eager():
-        return None
-    return eager_entry("groupsort_autograd", _backend.resolve(backend, x.device))
+@functools.cache
+def resolved_entry(name: str, backend: str | None, device: torch.device, _env, _interpret):
+    """``eager_entry(name, _backend.resolve(backend, device))``, cached per state of the
+    variables resolve reads (their raw values, ``_backend.ENV_KEY`` and ``INTERPRET_KEY``,
+    passed in: errors are raised, never cached). One cached call for the per-step callers."""
+    return _fast_entry(name, _backend.resolve(backend, device))
 
 
 def _requires_grad(arg: Any) -> bool:

@@ -1,9 +1,15 @@
 // Python entry points for the two ops the layers call on every eager step (GroupSort's and
 // LipLinear's training forward). Each calls the registered op through the dispatcher, so
 // profilers and dispatch modes still see it, but skips torch.ops' per-call parsing of the
-// arguments against the schema; the GIL is released as torch's own bindings do.
+// arguments against the schema and releases the GIL as torch's own bindings do.
+// Each returns None, before any work, where the caller must take its Python path instead: x not
+// a plain tensor (a subclass's __torch_function__), a TorchFunctionMode active (it must see the
+// call), or a functorch transform active (vmap, grad, ...: the ops' Python rules).
 // crvae_ext/_cpp/__init__.py loads this module from the library's file and falls back to
 // torch.ops where it cannot.
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
 #include <optional>
@@ -13,26 +19,62 @@
 namespace crvae_ext_cpp {
 namespace {
 
-at::Tensor groupsort_autograd(const at::Tensor& x, int64_t group_size, int64_t dim) {
+namespace py = pybind11;
+
+// functorch marks an active transform by including its layer keys in the thread's dispatch key
+// set (what torch._C._are_functorch_transforms_active reads).
+bool functorch_active() {
+  const c10::DispatchKeySet included = c10::impl::tls_local_dispatch_key_set().included_;
+  return included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+         included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode);
+}
+
+// The tensor behind x where the call may run here, else nullptr.
+const at::Tensor* plain_tensor(py::handle x) {
+  if (!THPVariable_CheckExact(x.ptr()) || at::impl::torch_function_mode_enabled() ||
+      functorch_active()) {
+    return nullptr;
+  }
+  return &THPVariable_Unpack(x.ptr());
+}
+
+py::object wrap(at::Tensor&& out) {
+  return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(out)));
+}
+
+py::object groupsort_autograd(py::handle x, int64_t group_size, int64_t dim) {
   static const auto op = find_op<Groupsort>("crvae_ext_cpp::groupsort_autograd");
-  return op.call(x, group_size, dim);
+  const at::Tensor* input = plain_tensor(x);
+  if (input == nullptr) return py::none();
+  at::Tensor out;
+  {
+    py::gil_scoped_release release;
+    out = op.call(*input, group_size, dim);
+  }
+  return wrap(std::move(out));
 }
 
 using Train = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                          at::Tensor&, at::Tensor&, int64_t, double, double);
 
-at::Tensor lip_linear_train(const at::Tensor& x, const at::Tensor& weight,
+py::object lip_linear_train(py::handle x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, at::Tensor u, at::Tensor v,
                             int64_t n_iters, double lipschitz, double sigma_floor) {
   static const auto op = find_op<Train>("crvae_ext_cpp::lip_linear_train");
-  return op.call(x, weight, bias, u, v, n_iters, lipschitz, sigma_floor);
+  const at::Tensor* input = plain_tensor(x);
+  if (input == nullptr) return py::none();
+  at::Tensor out;
+  {
+    py::gil_scoped_release release;
+    out = op.call(*input, weight, bias, u, v, n_iters, lipschitz, sigma_floor);
+  }
+  return wrap(std::move(out));
 }
 
 }  // namespace
 }  // namespace crvae_ext_cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  using Release = pybind11::call_guard<pybind11::gil_scoped_release>;
-  m.def("groupsort_autograd", &crvae_ext_cpp::groupsort_autograd, Release());
-  m.def("lip_linear_train", &crvae_ext_cpp::lip_linear_train, Release());
+  m.def("groupsort_autograd", &crvae_ext_cpp::groupsort_autograd);
+  m.def("lip_linear_train", &crvae_ext_cpp::lip_linear_train);
 }

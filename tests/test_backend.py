@@ -148,6 +148,53 @@ def test_python_entries_serve_the_per_step_kernels():
 
 
 @needs_cpp
+def test_python_entries_defer_to_the_python_path():
+    """The entries return None, before any work, where the Python path must run: x a tensor
+    subclass, a TorchFunctionMode active, a functorch transform active; a Parameter or a
+    disabled mode runs. lip_linear_train then leaves the power-iteration buffers as they were."""
+    from torch.overrides import TorchFunctionMode
+
+    entries = _cpp._load_once()[1]
+    groupsort, train = entries.groupsort_autograd, entries.lip_linear_train
+    x = torch.randn(4, 6)
+    want = reference.groupsort(x, 2, 1)
+
+    class Tagged(torch.Tensor):
+        pass
+
+    class Passthrough(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    assert groupsort(x.as_subclass(Tagged), 2, 1) is None
+    assert torch.equal(groupsort(torch.nn.Parameter(x), 2, 1), want)
+    with Passthrough():
+        assert groupsort(x, 2, 1) is None
+    with torch._C.DisableTorchFunction():
+        assert torch.equal(groupsort(x, 2, 1), want)
+    seen = []
+
+    def body(t):
+        seen.append(groupsort(t, 2, 0))
+        return t
+
+    torch.func.vmap(body)(x)
+    torch.func.grad(lambda t: body(t).sum())(x[0])
+    torch.func.jacrev(body)(x[0])
+    assert seen == [None, None, None]
+
+    layer = crvae_ext.LipLinear(6, 3, backend="cpp")
+    u, v = layer.u.clone(), layer.v.clone()
+    state = (layer.weight, layer.bias, layer.u, layer.v, 1, 1.0, 1e-12)
+    assert train(x.as_subclass(Tagged), *state) is None
+    with Passthrough():
+        assert train(x, *state) is None
+    assert torch.equal(layer.u, u) and torch.equal(layer.v, v)
+    assert train(x, *state).shape == (4, 3)
+    assert not torch.equal(layer.v, v)  # the step ran once it could
+
+
+@needs_cpp
 def test_subclasses_and_function_modes_see_the_ops():
     """The fast entry points skip __torch_function__, so a tensor subclass keeps its type
     through GroupSort and LipLinear, and a TorchFunctionMode sees their ops, on the cpp

@@ -243,11 +243,13 @@ class LipLinear(ScaledToK):
             flat = x.reshape(-1, self.in_features)
         else:
             flat = x
-        try:  # the kernel checks the arguments before the buffers advance
+        try:  # the kernel checks the arguments (or returns None) before the buffers advance
             out = kernel(flat, *state, self.n_power_iterations, self._lipschitz, SIGMA_FLOOR)
         except (TypeError, ValueError):
             return None
-        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
+        if out is None or x.dim() == 2:
+            return out
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def _fusable(self) -> tuple[torch.Tensor, ...] | None:
         """(weight, bias, u, v) when the layer's own state fits the one-call forward: plain
