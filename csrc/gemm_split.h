@@ -44,6 +44,19 @@ inline int64_t row_parts(int64_t batch, int64_t columns) {
   return std::max<int64_t>(1, std::min(split_threads(), batch / kMinRows));
 }
 
+// How a GEMM with a batch of `batch` rows and `columns` output columns is split: by columns
+// where that gives two or more parts, else by rows (parts < 2: not split).
+struct SplitPlan {
+  int64_t parts;
+  bool by_rows;
+};
+
+inline SplitPlan split_plan(int64_t batch, int64_t columns) {
+  const int64_t by_columns = column_parts(batch, columns);
+  if (by_columns >= 2) return {by_columns, false};
+  return {row_parts(batch, columns), true};
+}
+
 using Bounds = std::array<int64_t, kMaxParts + 1>;
 
 // [bounds[c], bounds[c + 1]) of part c of [0, n), the first part lighter by `lead` units' worth

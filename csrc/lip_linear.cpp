@@ -277,9 +277,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lip_linear_backward_cpu(
   const at::Tensor grad = grad_in.is_contiguous() ? grad_in : grad_in.contiguous();
   const auto dtype = grad.scalar_type();
   const int64_t batch = x.size(0), narrower = std::min(x.size(1), weight.size(0));
-  const int64_t columns = column_parts(batch, narrower);
-  const bool by_rows = columns < 2;
-  const int64_t parts = by_rows ? row_parts(batch, narrower) : columns;
+  const SplitPlan plan = split_plan(batch, narrower);
+  const int64_t parts = plan.parts;
+  const bool by_rows = plan.by_rows;
   if (need_x && parts >= 2 && (dtype == at::kFloat || dtype == at::kDouble) &&
       x.is_contiguous() && weight.is_contiguous()) {
     AT_DISPATCH_FLOATING_TYPES(dtype, "lip_linear_backward_split", [&] {

@@ -48,9 +48,9 @@ std::optional<TrainForward> lip_linear_train_overlapped(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& v, int64_t n_iters, double lipschitz, double sigma_floor) {
   const int64_t batch = x.size(0), n = weight.size(0);
-  const int64_t columns = column_parts(batch, n);
-  const bool by_rows = columns < 2;
-  const int64_t parts = by_rows ? row_parts(batch, n) : columns;
+  const SplitPlan plan = split_plan(batch, n);
+  const int64_t parts = plan.parts;
+  const bool by_rows = plan.by_rows;
   const bool dense = x.is_contiguous() && weight.is_contiguous() &&
                      (!bias.has_value() || !bias->defined() || bias->is_contiguous());
   const auto dtype = x.scalar_type();

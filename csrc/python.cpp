@@ -1,10 +1,11 @@
 // Python entry points for the two ops the layers call on every eager step (GroupSort's and
-// LipLinear's training forward). Each calls the registered op through the dispatcher, so
-// profilers and dispatch modes still see it, but skips torch.ops' per-call parsing of the
-// arguments against the schema and releases the GIL as torch's own bindings do.
-// Each returns None, before any work, where the caller must take its Python path instead: x not
-// a plain tensor (a subclass's __torch_function__), a TorchFunctionMode active (it must see the
-// call), or a functorch transform active (vmap, grad, ...: the ops' Python rules).
+// LipLinear's training forward), and the GEMM split plan the tests check. Each entry calls the
+// registered op through the dispatcher, so profilers and dispatch modes still see it, but skips
+// torch.ops' per-call parsing of the arguments against the schema and releases the GIL as
+// torch's own bindings do. Each returns None, before any work, where the caller must take its
+// Python path instead: x not a plain tensor (a subclass's __torch_function__), a
+// TorchFunctionMode active (it must see the call), or a functorch transform active (vmap,
+// grad, ...: the ops' Python rules).
 // crvae_ext/_cpp/__init__.py loads this module from the library's file and falls back to
 // torch.ops where it cannot.
 #include <ATen/PythonTorchFunctionTLS.h>
@@ -15,6 +16,7 @@
 #include <optional>
 
 #include "dispatch.h"
+#include "gemm_split.h"
 
 namespace crvae_ext_cpp {
 namespace {
@@ -71,10 +73,19 @@ py::object lip_linear_train(py::handle x, const at::Tensor& weight,
   return wrap(std::move(out));
 }
 
+// (parts, "columns" or "rows"): how the cpp LipLinear kernels split a GEMM of `batch` rows and
+// `columns` output columns on this thread's settings (gemm_split.h), for the tests to check
+// that their shapes take the split they mean to test.
+py::tuple split_plan_tuple(int64_t batch, int64_t columns) {
+  const SplitPlan plan = crvae_ext_cpp::split_plan(batch, columns);
+  return py::make_tuple(plan.parts, plan.by_rows ? "rows" : "columns");
+}
+
 }  // namespace
 }  // namespace crvae_ext_cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("groupsort_autograd", &crvae_ext_cpp::groupsort_autograd);
   m.def("lip_linear_train", &crvae_ext_cpp::lip_linear_train);
+  m.def("split_plan", &crvae_ext_cpp::split_plan_tuple);
 }

@@ -55,3 +55,16 @@ def num_threads(threads: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def assert_split(batch: int, columns: int, threads: int, kind: str) -> None:
+    """The cpp kernels split a GEMM of ``batch`` rows and ``columns`` output columns into
+    ``threads`` parts by ``kind`` (csrc/gemm_split.h; not at all on one thread or without MKL):
+    a test's shape takes the split it means to test. Call it under ``num_threads(threads)``."""
+    from crvae_ext import _cpp
+
+    plan = _cpp._load_once()[1].split_plan(batch, columns)
+    if threads == 1 or not torch.backends.mkl.is_available():
+        assert plan[0] == 1, plan
+    else:
+        assert plan == (threads, kind), plan

@@ -5,7 +5,14 @@ The LipLinear layer itself: tests/test_lip_linear_layer.py."""
 
 import pytest
 import torch
-from helpers import TOLERANCE, naive_lip_linear, needs_cpp, needs_interpreter, num_threads
+from helpers import (
+    TOLERANCE,
+    assert_split,
+    naive_lip_linear,
+    needs_cpp,
+    needs_interpreter,
+    num_threads,
+)
 from torch.library import opcheck
 
 import crvae_ext
@@ -162,16 +169,17 @@ def test_cpp_backward_matches_reference(problem, dtype, grad_kind, bias, needs):
 @pytest.mark.parametrize("needs", [(True, True, True), (True, False, True), (True, True, False)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("problem", [(2, (100, 131)), (100, (36, 40))], ids=["columns", "rows"])
-def test_cpp_backward_split_over_any_thread_count(problem, threads, dtype, needs):
+@pytest.mark.parametrize("kind", ["columns", "rows"])
+def test_cpp_backward_split_over_any_thread_count(kind, threads, dtype, needs):
     """The backward with its GEMMs split over 1, 2 or 3 threads (3: parts of unequal width)
     against the float64 reference."""
-    batch, shape = problem
+    batch, shape = {"columns": (2, (100, 131)), "rows": (100, (36, 40))}[kind]
     x, w, b, scale, u, v = _lip_problem(dtype, True, batch=batch, shape=shape)
     grad = torch.randn(x.shape[0], w.shape[0], dtype=dtype)
     d = [t.double() for t in (grad, x, w, b, _cpp.lip_linear(x, w, b, scale), scale, u, v)]
     want = reference.lip_linear_backward(*d, 1.7, needs)
     with num_threads(threads):
+        assert_split(batch, min(shape), threads, kind)
         got = _cpp.lip_linear_backward(grad, x, w, b, None, scale, u, v, 1.7, needs)
     tol = 1e-10 if dtype == torch.float64 else 2e-4
     for g, e, wanted in zip(got, want, needs, strict=True):

@@ -7,7 +7,14 @@ import io
 
 import pytest
 import torch
-from helpers import TOLERANCE, lipschitz_ascent, naive_lip_linear, needs_cpp, num_threads
+from helpers import (
+    TOLERANCE,
+    assert_split,
+    lipschitz_ascent,
+    naive_lip_linear,
+    needs_cpp,
+    num_threads,
+)
 from torch import nn
 
 import crvae_ext
@@ -577,6 +584,7 @@ def test_fused_training_forward_split_over_threads(
     x = torch.randn(batch, n_in, dtype=dtype, requires_grad=True)
     calls = _counting_fused_calls(monkeypatch)
     with num_threads(threads):
+        assert_split(batch, n_out, threads, split)
         out = layer(x)
         grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
     assert calls == [1]
