@@ -89,6 +89,7 @@ at::Tensor groupsort_autograd(const at::Tensor& x, int64_t group_size, int64_t d
                     "groupsort: group_size must be >= 2 and divide x.shape[dim]");
   if (!(x.requires_grad() && at::GradMode::is_enabled())) {
     static const auto op = find_op<Groupsort>("crvae_ext_cpp::groupsort");
+    at::AutoDispatchBelowADInplaceOrView no_node;  // nothing to record: straight to the kernel
     return op.call(x, group_size, d);
   }
   return GroupsortFunction::apply(x, group_size, d);
