@@ -302,25 +302,29 @@ def _differentiable(function: type[torch.autograd.Function], op: Callable, name:
 
 
 def eager_entry(name: str, backend: str) -> Callable | None:
-    """``kernel(name, backend)``, or the backend's faster entry point for it where it has one
-    (cpp: the library's Python module). An entry returns None, before any work, where the call
-    must take the caller's Python path instead: x a tensor subclass, a TorchFunctionMode or a
-    functorch transform active."""
-    return _fast_entry(name, backend)
+    """The backend's Python entry point for kernel ``name`` where it has one (cpp: the library's
+    Python module, csrc/python.cpp), else ``kernel(name, backend)``. Only an entry point returns
+    None, before any work, where the caller's Python path must run (x a tensor subclass, a
+    TorchFunctionMode or a functorch transform active); callers of a kernel check for those."""
+    return _module_entry(name, backend) or kernel(name, backend)
 
 
 @functools.cache
-def _fast_entry(name: str, backend: str) -> Callable | None:
+def _module_entry(name: str, backend: str) -> Callable | None:
+    """The backend's Python entry point for ``name``, or None where it has none."""
     entry = getattr(_backend.kernels(backend), "entry", None)
-    return (entry(name) if entry is not None else None) or kernel(name, backend)
+    return entry(name) if entry is not None else None
 
 
 @functools.cache
-def resolved_entry(name: str, backend: str | None, device: torch.device, _env, _interpret):
-    """``eager_entry(name, _backend.resolve(backend, device))``, cached per state of the
-    variables resolve reads (their raw values, ``_backend.ENV_KEY`` and ``INTERPRET_KEY``,
-    passed in: errors are raised, never cached). One cached call for the per-step callers."""
-    return _fast_entry(name, _backend.resolve(backend, device))
+def resolved_entry(
+    name: str, backend: str | None, device: torch.device, _env: object, _interpret: object
+) -> Callable | None:
+    """The Python entry point for ``name`` of the backend ``_backend.resolve`` picks, or None
+    where it has none (no kernel stands in: the caller's Python path checks what an entry
+    point checks). Cached per state of the variables resolve reads, passed in as their raw
+    values (``_backend.ENV_KEY``, ``INTERPRET_KEY``); errors are raised, never cached."""
+    return _module_entry(name, _backend.resolve(backend, device))
 
 
 def _requires_grad(arg: Any) -> bool:

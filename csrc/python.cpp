@@ -5,7 +5,8 @@
 // torch's own bindings do. Each returns None, before any work, where the caller must take its
 // Python path instead: x not a plain tensor (a subclass's __torch_function__), a
 // TorchFunctionMode active (it must see the call), or a functorch transform active (vmap,
-// grad, ...: the ops' Python rules).
+// grad, ...: the ops' Python rules). Only x is checked: LipLinear passes its own plain
+// parameters and buffers as the other tensors (modules/lip_linear.py, _fusable).
 // crvae_ext/_cpp/__init__.py loads this module from the library's file and falls back to
 // torch.ops where it cannot.
 #include <ATen/PythonTorchFunctionTLS.h>
@@ -41,7 +42,9 @@ const at::Tensor* plain_tensor(py::handle x) {
 }
 
 py::object wrap(at::Tensor&& out) {
-  return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(out)));
+  PyObject* wrapped = THPVariable_Wrap(std::move(out));
+  if (wrapped == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(wrapped);
 }
 
 py::object groupsort_autograd(py::handle x, int64_t group_size, int64_t dim) {

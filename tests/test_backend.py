@@ -170,7 +170,7 @@ def test_python_entries_defer_to_the_python_path():
     assert torch.equal(groupsort(torch.nn.Parameter(x), 2, 1), want)
     with Passthrough():
         assert groupsort(x, 2, 1) is None
-    with torch._C.DisableTorchFunction():
+    with Passthrough(), torch._C.DisableTorchFunction():
         assert torch.equal(groupsort(x, 2, 1), want)
     seen = []
 
@@ -195,10 +195,33 @@ def test_python_entries_defer_to_the_python_path():
 
 
 @needs_cpp
+def test_groupsort_without_the_python_module(monkeypatch):
+    """Where the library's Python module did not load, F.groupsort has no entry point (no kernel
+    stands in for it, which would skip the transform checks) and takes the Python path: the
+    same results, in plain eager mode and under vmap."""
+    monkeypatch.setattr(_cpp, "entry", lambda name: None)
+    ops._module_entry.cache_clear()
+    ops.resolved_entry.cache_clear()
+    try:
+        raw = _torch_private.environ_raw
+        state = (raw(_backend.ENV_KEY), raw(_backend.INTERPRET_KEY))
+        cpu = torch.device("cpu")
+        assert ops.resolved_entry("groupsort_autograd", "cpp", cpu, *state) is None
+        assert ops.eager_entry("lip_linear_train", "cpp") is ops.kernel("lip_linear_train", "cpp")
+        x = torch.randn(5, 4, 6)
+        assert torch.equal(F.groupsort(x, 2, 2, backend="cpp"), reference.groupsort(x, 2, 2))
+        got = torch.func.vmap(lambda t: F.groupsort(t, 3, 1, backend="cpp"))(x)
+        assert torch.equal(got, reference.groupsort(x, 3, 2))
+    finally:
+        ops._module_entry.cache_clear()
+        ops.resolved_entry.cache_clear()
+
+
+@needs_cpp
 def test_subclasses_and_function_modes_see_the_ops():
-    """The fast entry points skip __torch_function__, so a tensor subclass keeps its type
-    through GroupSort and LipLinear, and a TorchFunctionMode sees their ops, on the cpp
-    backend as on the torch reference."""
+    """The fast entry points hand subclasses and TorchFunctionModes to the Python path, so a
+    tensor subclass keeps its type through GroupSort and LipLinear, and a TorchFunctionMode
+    sees their ops, on the cpp backend as on the torch reference."""
     from torch.overrides import TorchFunctionMode
 
     class Tagged(torch.Tensor):

@@ -164,8 +164,9 @@ def direct(name: str) -> Callable | None:
 
 def entry(name: str) -> Callable | None:
     """The library's Python entry point for op ``name`` (csrc/python.cpp: no per-call parsing of
-    the arguments against the schema), else None. It does not look for ``__torch_function__``:
-    callers pass plain tensors only, with no TorchFunctionMode active (``ops.eager_entry``)."""
+    the arguments against the schema), else None. It returns None, before any work, where the
+    caller's Python path must run: x a tensor subclass, a TorchFunctionMode or a functorch
+    transform active (``ops.eager_entry``)."""
     _op(name)  # loads the library (or raises why it cannot)
     return getattr(_load_once()[1], name, None)
 
