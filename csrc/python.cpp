@@ -41,7 +41,17 @@ const at::Tensor* plain_tensor(py::handle x) {
   return &THPVariable_Unpack(x.ptr());
 }
 
-py::object wrap(at::Tensor&& out) {
+// fn(the tensor behind x) with the GIL released, as a Python tensor; None where x may not run
+// here (plain_tensor).
+template <typename Fn>
+py::object call_plain(py::handle x, const Fn& fn) {
+  const at::Tensor* input = plain_tensor(x);
+  if (input == nullptr) return py::none();
+  at::Tensor out;
+  {
+    py::gil_scoped_release release;
+    out = fn(*input);
+  }
   PyObject* wrapped = THPVariable_Wrap(std::move(out));
   if (wrapped == nullptr) throw py::error_already_set();
   return py::reinterpret_steal<py::object>(wrapped);
@@ -49,14 +59,7 @@ py::object wrap(at::Tensor&& out) {
 
 py::object groupsort_autograd(py::handle x, int64_t group_size, int64_t dim) {
   static const auto op = find_op<Groupsort>("crvae_ext_cpp::groupsort_autograd");
-  const at::Tensor* input = plain_tensor(x);
-  if (input == nullptr) return py::none();
-  at::Tensor out;
-  {
-    py::gil_scoped_release release;
-    out = op.call(*input, group_size, dim);
-  }
-  return wrap(std::move(out));
+  return call_plain(x, [&](const at::Tensor& input) { return op.call(input, group_size, dim); });
 }
 
 using Train = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
@@ -66,14 +69,9 @@ py::object lip_linear_train(py::handle x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, at::Tensor u, at::Tensor v,
                             int64_t n_iters, double lipschitz, double sigma_floor) {
   static const auto op = find_op<Train>("crvae_ext_cpp::lip_linear_train");
-  const at::Tensor* input = plain_tensor(x);
-  if (input == nullptr) return py::none();
-  at::Tensor out;
-  {
-    py::gil_scoped_release release;
-    out = op.call(*input, weight, bias, u, v, n_iters, lipschitz, sigma_floor);
-  }
-  return wrap(std::move(out));
+  return call_plain(x, [&](const at::Tensor& input) {
+    return op.call(input, weight, bias, u, v, n_iters, lipschitz, sigma_floor);
+  });
 }
 
 // (parts, "columns" or "rows"): how the cpp LipLinear kernels split a GEMM of `batch` rows and
